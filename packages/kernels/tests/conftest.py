@@ -1,0 +1,40 @@
+"""Shared test settings for the kernels: the one tolerance table, and the interpreter switch.
+
+Triton chooses between compiling and interpreting a kernel when the kernel is decorated, that is when
+its module is imported; so without a GPU the interpreter is switched on here, before any test module
+imports an op.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# Kernel output (computed in float32, stored in the input dtype) against the float64 reference.
+# bfloat16 keeps 8 bits of mantissa: one rounding of the output is ~4e-3 relative.
+TOLERANCES = {
+    torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+}
+
+
+@pytest.fixture
+def tolerance():
+    """Return a function dtype -> dict(atol=..., rtol=...) for torch.testing.assert_close."""
+    return lambda dtype: TOLERANCES[dtype]
+
+
+@pytest.fixture
+def device():
+    """The device kernel tests run on: CUDA where there is one, else the CPU under the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def reference_only(monkeypatch):
+    """Switch the interpreter off so that ops on CPU tensors take the pure-torch reference path."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    yield
