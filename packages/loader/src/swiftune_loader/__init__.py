@@ -1,0 +1,23 @@
+"""swiftune-loader: FastLanguageModel loads, patches, adds LoRA, and switches between training and inference."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from swiftune_loader.default_model import DEFAULT_MODEL_NAME, convert_gguf_to_hf, default_model_path
+from swiftune_loader.fast_language_model import FastLanguageModel
+from swiftune_loader.generation import chat_reply
+from swiftune_loader.model_path import resolve_model_path
+
+try:
+    __version__ = version("swiftune-loader")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "FastLanguageModel",
+    "__version__",
+    "chat_reply",
+    "convert_gguf_to_hf",
+    "default_model_path",
+    "resolve_model_path",
+]

@@ -1,0 +1,92 @@
+"""Reading a model folder's safetensors weights one tensor at a time, and writing sharded output with an index."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model folder, in index order when there is an index.
+
+    Raises:
+        FileNotFoundError: no safetensors weights (pickle .bin weights are not read: unpickling runs code).
+    """
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / name for name in names]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(model_dir.glob("*.bin")):
+        raise FileNotFoundError(
+            f"'{model_dir}' has only pickle .bin weights, which swiftune does not read because unpickling runs code; "
+            "convert them to safetensors first."
+        )
+    raise FileNotFoundError(f"No safetensors weights in '{model_dir}'.")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from the files one tensor at a time, so that memory holds one tensor, not a model."""
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+class ShardedWriter:
+    """Collects tensors and writes them as safetensors shards of at most ``max_shard_bytes``, plus an index.
+
+    Args:
+        out_dir: the folder to write into.
+        max_shard_bytes: a shard is written once adding the next tensor would pass this size.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 2 * 1024**3):
+        self.out_dir = out_dir
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; writes the current shard first if this tensor would overflow it."""
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def close(self) -> list[Path]:
+        """Write the last shard, rename shards to ``model-0000i-of-0000n.safetensors`` and write the index."""
+        if self._pending:
+            self._flush()
+        count = len(self._shards)
+        if count == 1:
+            (self.out_dir / "shard-0.tmp").rename(self.out_dir / "model.safetensors")
+            return [self.out_dir / "model.safetensors"]
+        weight_map, paths = {}, []
+        for i, names in enumerate(self._shards):
+            final = self.out_dir / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            (self.out_dir / f"shard-{i}.tmp").rename(final)
+            paths.append(final)
+            weight_map.update({name: final.name for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        return paths
+
+    def _flush(self) -> None:
+        path = self.out_dir / f"shard-{len(self._shards)}.tmp"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0

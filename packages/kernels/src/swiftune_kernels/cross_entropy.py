@@ -1,0 +1,361 @@
+"""Cross-entropy over large vocabularies, with the logits gradient computed in the forward pass.
+
+One program per row walks the vocabulary in blocks twice: an online max / log-sum-exp pass for the loss, then a
+pass that writes the gradient (softmax - onehot, times the chain rule of scaling and soft-capping, times the row's
+share of the reduction), optionally into the logits buffer itself. The second pass walks the blocks in reverse so
+that the blocks read last by the first pass, the likeliest still in L2, are read first. No float32 copy of the
+logits is ever made; the backward pass only scales the stored gradient by grad_output and skips that entirely
+(without a host sync) where grad_output is 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from swiftune_kernels.dispatch import check_floating, check_same_device, use_triton
+from swiftune_kernels.reference import cross_entropy as reference
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@triton.jit
+def _transform(x, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    if HAS_LOGIT_SCALE:
+        x = x * logit_scale
+    if HAS_SOFTCAP:
+        # tanh(z) = 2 * sigmoid(2z) - 1: tl.math.tanh is missing in older Triton and in the interpreter.
+        x = softcap * (2.0 * tl.sigmoid(2.0 * x * inv_softcap) - 1.0)
+    return x
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    x_ptr,
+    stride_xm,
+    grad_ptr,
+    stride_gm,
+    target_ptr,
+    stride_t,
+    loss_ptr,
+    weight_ptr,
+    stride_w,
+    n_cols,
+    ignore_index,
+    logit_scale,
+    softcap,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    g_row = grad_ptr + row * stride_gm
+    offs = tl.arange(0, BLOCK_V)
+    target = tl.load(target_ptr + row * stride_t)
+    if target == ignore_index:
+        if COMPUTE_GRAD:
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + offs
+                tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=tl.float32), mask=cols < n_cols)
+        tl.store(loss_ptr + row, 0.0)
+        return
+
+    inv_softcap = 1.0 / softcap
+    # An out-of-range target makes the row's loss NaN instead of reading outside the row.
+    target_ok = (target >= 0) & (target < n_cols)
+    x_t = tl.load(x_row + target, mask=target_ok, other=0.0).to(tl.float32)
+    c_t = _transform(x_t, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+    c_t = tl.where(target_ok, c_t, float("nan"))
+
+    m = float("-inf")
+    d = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + offs
+        mask = cols < n_cols
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        c = _transform(x, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+        c = tl.where(mask, c, float("-inf"))
+        m_new = tl.maximum(m, tl.max(c, 0))
+        # Keeps exp(-inf - -inf) = NaN away when a whole block is -inf (masked vocabulary entries).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(c - m_safe), 0)
+        m = m_new
+    lse = m + tl.log(d)
+
+    if COMPUTE_GRAD:
+        w = tl.load(weight_ptr + row * stride_w).to(tl.float32)
+        if HAS_LOGIT_SCALE:
+            w = w * logit_scale
+        num_blocks = tl.cdiv(n_cols, BLOCK_V)
+        for i in range(0, num_blocks):
+            cols = (num_blocks - 1 - i) * BLOCK_V + offs
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            c = _transform(x, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+            p = tl.exp(c - lse)
+            g = tl.where(cols == target, p - 1.0, p)
+            if HAS_SOFTCAP:
+                t = c * inv_softcap
+                g = g * (1.0 - t * t)
+            tl.store(g_row + cols, g * w, mask=mask)
+    tl.store(loss_ptr + row, lse - c_t)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    grad_ptr,
+    stride_gm,
+    grad_output_ptr,
+    stride_gom,
+    n_cols,
+    programs_per_row,
+    BLOCK_V: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = (pid // programs_per_row).to(tl.int64)
+    # int64: a scalar grad_output scales a whole weight gradient as one row, which can pass 2**31 elements.
+    col_start = (pid % programs_per_row).to(tl.int64) * (BLOCK_V * BLOCKS_PER_PROGRAM)
+    scale = tl.load(grad_output_ptr + row * stride_gom).to(tl.float32)
+    # loss.backward() gives grad_output == 1: skip the pass over the gradient instead of syncing to find out.
+    if scale != 1.0:
+        g_row = grad_ptr + row * stride_gm
+        for i in range(0, BLOCKS_PER_PROGRAM):
+            cols = col_start + i * BLOCK_V + tl.arange(0, BLOCK_V)
+            mask = cols < n_cols
+            g = tl.load(g_row + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_row + cols, g * scale, mask=mask)
+
+
+def cross_entropy_forward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    grad: torch.Tensor | None = None,
+    loss: torch.Tensor | None = None,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Per-row loss (float32, 0 on ignored rows) of ``logits`` (N, V); writes d(sum_i weight_i * loss_i)/dlogits.
+
+    ``weight`` holds 1 or N float32 row weights; ``grad`` (N, V), when given, receives the gradient and may be
+    ``logits`` itself; ``loss`` (N,), when given, receives the loss.
+    """
+    n_rows, n_cols = logits.shape
+    assert logits.stride(1) == 1 and targets.shape == (n_rows,)
+    assert grad is None or (grad.shape == logits.shape and grad.stride(1) == 1)
+    assert weight.numel() in (1, n_rows)
+    if loss is None:
+        loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows == 0:
+        return loss
+    if block_v is None:
+        # 32 KiB of logits per block: one resident program per SM keeps ~130 rows (33 MiB of bf16 rows at
+        # V = 128k) in flight, which fits H100's 50 MiB L2, so the second pass mostly re-reads from L2.
+        block_v = min(triton.next_power_of_2(n_cols), 32768 // logits.element_size())
+    if num_warps is None:
+        num_warps = max(4, min(16, block_v // 1024))
+    _cross_entropy_fwd_kernel[(n_rows,)](
+        logits,
+        logits.stride(0),
+        logits if grad is None else grad,
+        logits.stride(0) if grad is None else grad.stride(0),
+        targets,
+        targets.stride(0),
+        loss,
+        weight,
+        0 if weight.numel() == 1 else weight.stride(0),
+        n_cols,
+        ignore_index,
+        1.0 if logit_scale is None else float(logit_scale),
+        1.0 if softcap is None else float(softcap),
+        HAS_LOGIT_SCALE=logit_scale is not None,
+        HAS_SOFTCAP=softcap is not None,
+        COMPUTE_GRAD=grad is not None,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return loss
+
+
+def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """Scale ``grad`` in place by ``grad_output`` (one value, or one per row of a 2-D ``grad``); returns ``grad``."""
+    per_row = grad_output.numel() > 1
+    rows = grad.view(1, -1) if not per_row and grad.is_contiguous() else grad.view(grad.shape[0], -1)
+    n_rows, n_cols = rows.shape
+    assert rows.stride(1) == 1 and grad_output.numel() in (1, n_rows)
+    if grad.numel() == 0:
+        return grad
+    # 64k elements per program: where grad_output is 1 (the usual case) a few thousand programs read it and exit.
+    per_program = min(triton.next_power_of_2(n_cols), 65536)
+    block = min(per_program, 4096)
+    programs_per_row = triton.cdiv(n_cols, per_program)
+    _cross_entropy_bwd_kernel[(n_rows * programs_per_row,)](
+        rows,
+        rows.stride(0),
+        grad_output,
+        grad_output.stride(0) if per_row else 0,
+        n_cols,
+        programs_per_row,
+        BLOCK_V=block,
+        BLOCKS_PER_PROGRAM=per_program // block,
+        num_warps=4 if block <= 1024 else 8,
+    )
+    return grad
+
+
+def check_loss_options(
+    targets: torch.Tensor,
+    n_rows: int,
+    reduction: str,
+    logit_scale: float | None,
+    softcap: float | None,
+    num_items_in_batch: int | torch.Tensor | None,
+) -> None:
+    """Raise a TypeError / ValueError a user can act on for bad targets or loss options."""
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64:
+        got = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise TypeError(f"targets must be an int64 tensor of class indices, got {got}; cast it with .long().")
+    if targets.shape != (n_rows,):
+        raise ValueError(
+            f"targets must have shape ({n_rows},), one class index per row, got {tuple(targets.shape)}; "
+            "flatten with .view(-1) after shifting the labels."
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number (e.g. 30.0 for Gemma 2), got {softcap}.")
+    if logit_scale is not None and not isinstance(logit_scale, (int, float)):
+        raise TypeError(f"logit_scale must be a Python float, got {type(logit_scale).__name__}.")
+    if num_items_in_batch is None:
+        return
+    if reduction != "mean":
+        raise ValueError(
+            f"num_items_in_batch replaces the denominator of reduction='mean', but reduction={reduction!r}; "
+            "leave it out or use reduction='mean'."
+        )
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a 0-d tensor, got shape {tuple(num_items_in_batch.shape)}.")
+    elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int) or num_items_in_batch <= 0:
+        raise ValueError(f"num_items_in_batch must be a positive int or a 0-d tensor, got {num_items_in_batch!r}.")
+
+
+def cross_entropy_weight(
+    targets: torch.Tensor, ignore_index: int, reduction: str, num_items_in_batch: int | torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The row weight d(loss)/d(loss_i) as a (1,) float32 tensor, and the mean's denominator (None otherwise).
+
+    Both stay on the device: the count of non-ignored targets is never read back to the host.
+    """
+    device = targets.device
+    if reduction != "mean":
+        return torch.ones(1, dtype=torch.float32, device=device), None
+    if num_items_in_batch is None:
+        denominator = (targets != ignore_index).sum().to(torch.float32)
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        denominator = num_items_in_batch.to(device=device, dtype=torch.float32).reshape(())
+    else:
+        denominator = torch.full((), float(num_items_in_batch), dtype=torch.float32, device=device)
+    return (1.0 / denominator).reshape(1), denominator
+
+
+def reduce_loss(loss: torch.Tensor, reduction: str, denominator: torch.Tensor | None) -> torch.Tensor:
+    """Reduce per-row losses the way :func:`cross_entropy_weight` weighted their gradients."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / denominator
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Autograd for :func:`cross_entropy`: the gradient is computed in forward, backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, reduction, logit_scale, softcap, num_items_in_batch, inplace):
+        x = logits if logits.stride(1) == 1 else logits.contiguous()
+        weight, denominator = cross_entropy_weight(targets, ignore_index, reduction, num_items_in_batch)
+        grad = None
+        if ctx.needs_input_grad[0]:
+            # A private contiguous copy can always take the gradient; the caller's logits only when allowed.
+            grad = x if (inplace or x is not logits) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        loss = cross_entropy_forward(
+            x, targets, weight, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap, grad=grad
+        )
+        if grad is logits:
+            # The logits now hold the gradient: autograd nodes that saved them will refuse to run instead of
+            # silently computing with the wrong values.
+            torch.autograd.graph.increment_version(logits)
+        ctx.grad_logits = None if grad is None else grad.detach()
+        return reduce_loss(loss, reduction, denominator)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad = ctx.grad_logits
+        if grad is None:
+            raise RuntimeError(
+                "cross_entropy keeps one logits gradient and scales it in place: it cannot run backward twice; "
+                "call the loss again instead of retain_graph=True."
+            )
+        ctx.grad_logits = None
+        cross_entropy_backward(grad, grad_output.to(torch.float32).reshape(-1))
+        return grad, None, None, None, None, None, None, None
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against class indices, never upcasting the logits to a float32 copy.
+
+    Args:
+        logits: (N, V) float32, float16 or bfloat16 scores over a vocabulary of V.
+        targets: (N,) int64 class indices in [0, V), or ``ignore_index`` for rows that do not count.
+        ignore_index: Target value whose rows get zero loss and zero gradient.
+        reduction: "mean" (over non-ignored rows), "sum", or "none" (per-row losses, 0 on ignored rows).
+        logit_scale: Multiply the logits by this first (Cohere, Granite).
+        softcap: Soft-cap the (scaled) logits to ``softcap * tanh(logits / softcap)`` (Gemma 2).
+        num_items_in_batch: With reduction "mean", divide the summed loss by this count (an int or a 0-d tensor:
+            the number of target tokens over all gradient accumulation steps, as transformers passes it) instead
+            of by the local count, so that accumulated gradients equal the full batch's.
+        inplace: Write the logits gradient into ``logits`` during the forward pass, saving an (N, V) buffer. Only
+            when nothing reads ``logits`` afterwards: their values are overwritten. An autograd node that saved
+            them (e.g. ``logits = x.exp()``) then raises in backward instead of computing a wrong gradient.
+
+    Returns:
+        float32 loss: a scalar, or (N,) for reduction "none".
+    """
+    check_floating("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(
+            f"logits must be 2-D (tokens, vocab), got shape {tuple(logits.shape)}; flatten with "
+            ".view(-1, logits.shape[-1])."
+        )
+    check_loss_options(targets, logits.shape[0], reduction, logit_scale, softcap, num_items_in_batch)
+    check_same_device(logits=logits, targets=targets)
+    if inplace and logits.requires_grad and logits.is_leaf:
+        raise ValueError(
+            "inplace=True would overwrite a leaf tensor that requires grad; pass inplace=False, or logits "
+            "computed by an op (e.g. lm_head(hidden))."
+        )
+    options = dict(ignore_index=ignore_index, reduction=reduction, logit_scale=logit_scale, softcap=softcap)
+    if not use_triton(logits):
+        return reference.cross_entropy(logits, targets, num_items_in_batch=num_items_in_batch, **options)
+    return CrossEntropyFunction.apply(
+        logits, targets, ignore_index, reduction, logit_scale, softcap, num_items_in_batch, inplace
+    )

@@ -1,0 +1,232 @@
+import pytest
+import swiftune_kernels
+import torch
+from swiftune_kernels.cross_entropy import CrossEntropyFunction, cross_entropy, cross_entropy_forward
+from swiftune_kernels.reference.cross_entropy import cross_entropy as reference
+
+DTYPES = [torch.float32, torch.bfloat16]
+OPTIONS = {
+    "plain": {},
+    "scale": {"logit_scale": 0.6},
+    "softcap": {"softcap": 4.0},
+    "scale+softcap": {"logit_scale": 1.7, "softcap": 3.0},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+}
+
+
+def make_inputs(n, v, dtype, device, ignore_every=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=gen) * 3).to(device=device, dtype=dtype)
+    targets = torch.randint(0, v, (n,), generator=gen).to(device)
+    targets[::ignore_every] = -100
+    return logits, targets
+
+
+def oracle(logits, targets, grad_output=None, **options):
+    x = logits.detach().double().requires_grad_()
+    loss = reference(x, targets, **options)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output.double())
+    return loss, x.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_matches_float64_reference(dtype, option, device, tolerance):
+    # Odd shapes; the interpreter runs ~1000 rows a second, so the option variants use fewer rows.
+    n = 37 if option == "plain" else 13
+    logits, targets = make_inputs(n, 1000, dtype, device)
+    options = OPTIONS[option]
+    logits.requires_grad_()
+    loss = cross_entropy(logits, targets, **options)
+    # Per-row grad_output for "none"; otherwise the count of kept rows, which also makes the bf16 gradient O(1)
+    # so that tolerance(bf16)'s atol does not swallow it, and runs the backward scaling pass.
+    n_kept = float((targets != -100).sum())
+    grad_output = torch.randn(n, device=device) if option == "none" else torch.tensor(n_kept, device=device)
+    loss.backward(grad_output)
+    expected_loss, expected_grad = oracle(logits, targets, grad_output, **options)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected_loss, **tolerance(torch.float32))
+    torch.testing.assert_close(logits.grad.double(), expected_grad, **tolerance(dtype))
+    assert logits.grad.dtype == dtype
+    assert (logits.grad[targets == -100] == 0).all()
+
+
+def test_unit_grad_output_skips_scaling_and_stays_exact(device, tolerance):
+    logits, targets = make_inputs(37, 1000, torch.float32, device)
+    logits.requires_grad_()
+    cross_entropy(logits, targets).backward()
+    expected_loss, expected_grad = oracle(logits, targets)
+    torch.testing.assert_close(logits.grad.double(), expected_grad, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_vocab_walks_blocks(dtype, device, tolerance):
+    # 151936 (Qwen) spans 10 blocks of 16384 bf16 (19 of 8192 fp32) with a ragged last block.
+    logits, targets = make_inputs(3, 151936, dtype, device, ignore_every=3)
+    logits[1, 151935] = 30.0  # the maximum sits in the ragged last block
+    targets[1] = 151935
+    logits.requires_grad_()
+    loss = cross_entropy(logits, targets, softcap=30.0)
+    loss.backward(torch.tensor(2.0, device=device))
+    expected_loss, expected_grad = oracle(logits, targets, torch.tensor(2.0), softcap=30.0)
+    torch.testing.assert_close(loss.double(), expected_loss, **tolerance(torch.float32))
+    torch.testing.assert_close(logits.grad.double(), expected_grad, **tolerance(dtype))
+
+
+def test_small_blocks_online_max(device, tolerance):
+    # Many 128-wide blocks with the row maximum late, so the running max and sum are rescaled several times.
+    logits, targets = make_inputs(5, 1000, torch.float32, device)
+    logits[:, 900] = 25.0
+    grad = torch.empty_like(logits)
+    weight = torch.full((1,), 0.5, device=device)
+    loss = cross_entropy_forward(logits, targets, weight, grad=grad, block_v=128)
+    expected_loss, expected_grad = oracle(logits, targets, reduction="none")
+    torch.testing.assert_close(loss.double(), expected_loss, **tolerance(torch.float32))
+    torch.testing.assert_close(grad.double(), 0.5 * expected_grad, **tolerance(torch.float32))
+
+
+def test_all_rows_ignored_gives_nan_mean_and_zero_grad(device):
+    logits, targets = make_inputs(4, 100, torch.float32, device)
+    targets[:] = -100
+    logits.requires_grad_()
+    loss = cross_entropy(logits, targets)
+    loss.backward()
+    assert torch.isnan(loss)
+    assert (logits.grad == 0).all()
+    assert cross_entropy(logits, targets, reduction="sum") == 0
+
+
+def test_custom_ignore_index(device, tolerance):
+    logits, _ = make_inputs(11, 50, torch.float32, device)
+    targets = torch.arange(11, device=device) * 4
+    targets[::3] = 7  # a real class index used as ignore_index
+    logits.requires_grad_()
+    cross_entropy(logits, targets, ignore_index=7).backward()
+    _, expected_grad = oracle(logits, targets, ignore_index=7)
+    torch.testing.assert_close(logits.grad.double(), expected_grad, **tolerance(torch.float32))
+    assert (logits.grad[targets == 7] == 0).all()
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_num_items_in_batch_makes_accumulation_exact(as_tensor, device, tolerance):
+    logits, targets = make_inputs(21, 300, torch.float32, device)
+    total = int((targets != -100).sum())
+    num_items = torch.tensor(total) if as_tensor else total  # transformers may pass it as a CPU tensor
+    full = logits.clone().requires_grad_()
+    full_loss = cross_entropy(full, targets)
+    full_loss.backward()
+    halves = [logits[:10].clone().requires_grad_(), logits[10:].clone().requires_grad_()]
+    parts = zip(halves, (targets[:10], targets[10:]), strict=True)
+    losses = [cross_entropy(h, t, num_items_in_batch=num_items) for h, t in parts]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0] + losses[1], full_loss, **tolerance(torch.float32))
+    torch.testing.assert_close(torch.cat([h.grad for h in halves]), full.grad, **tolerance(torch.float32))
+    # Without it each half is a mean of its own: the sum of halves is about twice the full-batch loss.
+    assert cross_entropy(halves[0], targets[:10]) + cross_entropy(halves[1], targets[10:]) > 1.5 * full_loss
+
+
+def test_inplace_writes_gradient_into_logits_and_matches(device):
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(13, 16, generator=gen).to(device).requires_grad_()
+    lm_head = torch.randn(16, 200, generator=gen).to(device).requires_grad_()
+    targets = torch.randint(0, 200, (13,), generator=gen).to(device)
+    grads = []
+    for inplace in (False, True):
+        hidden.grad = lm_head.grad = None
+        logits = hidden @ lm_head  # mm saves its inputs, not its output: in-place is safe
+        before = logits.detach().clone()
+        loss = cross_entropy(logits, targets, inplace=inplace)
+        loss.backward(torch.tensor(3.0))
+        grads.append((loss, hidden.grad, lm_head.grad))
+        if inplace:
+            assert not torch.equal(logits.detach(), before)  # the buffer now holds the logits gradient
+        else:
+            assert torch.equal(logits.detach(), before)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_inplace_refuses_logits_that_autograd_saved(device):
+    x = torch.randn(6, 40, device=device).requires_grad_()
+    logits = x.exp()  # exp's backward reads its output: overwriting it must not go unnoticed
+    loss = cross_entropy(logits, torch.randint(0, 40, (6,), device=device), inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_inplace_without_grad_leaves_logits_alone(device):
+    logits, targets = make_inputs(7, 90, torch.bfloat16, device)
+    before = logits.clone()
+    cross_entropy(logits, targets, inplace=True)
+    assert torch.equal(logits, before)
+
+
+def test_inplace_refuses_leaf(device):
+    logits, targets = make_inputs(3, 20, torch.float32, device)
+    with pytest.raises(ValueError, match="leaf"):
+        cross_entropy(logits.requires_grad_(), targets, inplace=True)
+
+
+def test_second_backward_is_refused(device):
+    logits, targets = make_inputs(3, 20, torch.float32, device)
+    loss = cross_entropy(logits.requires_grad_(), targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        loss.backward()
+
+
+def test_non_contiguous_logits(device, tolerance):
+    logits, targets = make_inputs(9, 70, torch.float32, device)
+    base = logits.t().contiguous().requires_grad_()
+    view = base.t()  # vocab stride 9: the kernel works on a private copy, which may take the gradient
+    cross_entropy(view, targets, inplace=True).backward()
+    _, expected_grad = oracle(logits, targets)
+    torch.testing.assert_close(base.grad.t().double(), expected_grad, **tolerance(torch.float32))
+    assert torch.equal(base.detach(), logits.t())
+
+
+def test_out_of_range_target_gives_nan(device):
+    logits, targets = make_inputs(3, 20, torch.float32, device)
+    targets[1] = 20
+    loss = cross_entropy(logits, targets, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[0])
+
+
+def test_cpu_without_interpreter_uses_reference(reference_only, monkeypatch):
+    def fail(*args):
+        raise AssertionError("the Triton Function must not run without the interpreter")
+
+    monkeypatch.setattr(CrossEntropyFunction, "apply", fail)
+    logits, targets = make_inputs(8, 30, torch.bfloat16, "cpu")
+    got = cross_entropy(logits, targets, softcap=5.0, num_items_in_batch=20)
+    assert torch.equal(got, reference(logits, targets, softcap=5.0, num_items_in_batch=20))
+    assert got.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"targets": torch.zeros(4, dtype=torch.int32)}, TypeError, "int64"),
+        ({"targets": torch.zeros(4, 1, dtype=torch.int64)}, ValueError, "shape"),
+        ({"targets": torch.zeros(5, dtype=torch.int64)}, ValueError, "shape"),
+        ({"logits": torch.zeros(4, 10, dtype=torch.int64)}, TypeError, "float32"),
+        ({"logits": torch.zeros(2, 2, 10)}, ValueError, "2-D"),
+        ({"reduction": "avg"}, ValueError, "reduction"),
+        ({"reduction": "sum", "num_items_in_batch": 3}, ValueError, "num_items_in_batch"),
+        ({"num_items_in_batch": 0}, ValueError, "positive"),
+        ({"num_items_in_batch": torch.ones(2)}, ValueError, "0-d"),
+        ({"softcap": 0.0}, ValueError, "softcap"),
+        ({"targets": torch.zeros(4, dtype=torch.int64, device="meta")}, ValueError, "one device"),
+    ],
+)
+def test_user_errors(change, error, match):
+    kwargs = {"logits": torch.zeros(4, 10), "targets": torch.zeros(4, dtype=torch.int64), **change}
+    with pytest.raises(error, match=match):
+        cross_entropy(kwargs.pop("logits"), kwargs.pop("targets"), **kwargs)
+
+
+def test_package_exports():
+    assert swiftune_kernels.cross_entropy is cross_entropy
+    assert swiftune_kernels.CrossEntropyFunction is CrossEntropyFunction

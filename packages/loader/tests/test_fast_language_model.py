@@ -1,0 +1,70 @@
+import pytest
+import torch
+from peft import PeftModel
+
+from swiftune_loader import FastLanguageModel, chat_reply
+
+
+def test_loads_model_and_tokenizer_with_max_seq_length(tiny_model_dir):
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_model_dir, max_seq_length=128)
+    assert model.dtype == torch.float32  # no GPU: float32 is the default on the CPU
+    assert model.max_seq_length == 128 and tokenizer.model_max_length == 128
+    assert tokenizer.chat_template
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_seq_length": 0}, "max_seq_length"),
+        ({"load_in_4bit": True, "load_in_8bit": True}, "not both"),
+        ({"full_finetuning": True, "load_in_4bit": True}, "full_finetuning"),
+        ({"dtype": "float64"}, "dtype must be"),
+    ],
+)
+def test_bad_loading_options_are_refused(tiny_model_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FastLanguageModel.from_pretrained(tiny_model_dir, **kwargs)
+
+
+def test_get_peft_model_adapts_every_projection(tiny_model_dir):
+    model, _ = FastLanguageModel.from_pretrained(tiny_model_dir)
+    peft_model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    assert isinstance(peft_model, PeftModel)
+    adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+@pytest.mark.parametrize("r", [0, -2, 1.5])
+def test_bad_rank_is_refused(tiny_model_dir, r):
+    model, _ = FastLanguageModel.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="rank r must be a positive integer"):
+        FastLanguageModel.get_peft_model(model, r=r)
+
+
+def test_adding_lora_twice_is_refused(tiny_model_dir):
+    model, _ = FastLanguageModel.from_pretrained(tiny_model_dir)
+    peft_model = FastLanguageModel.get_peft_model(model, r=2)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        FastLanguageModel.get_peft_model(peft_model, r=2)
+
+
+def test_inference_and_training_modes_switch_checkpointing_and_cache(tiny_model_dir):
+    model, tokenizer = FastLanguageModel.from_pretrained(tiny_model_dir)
+    model = FastLanguageModel.get_peft_model(model, r=2, use_gradient_checkpointing=True)
+    base = model.get_base_model()
+    assert base.is_gradient_checkpointing and model.training
+    FastLanguageModel.for_inference(model)
+    assert not model.training and not base.is_gradient_checkpointing and base.config.use_cache
+    assert isinstance(chat_reply(model, tokenizer, "hello", max_new_tokens=3), str)
+    FastLanguageModel.for_training(model)
+    assert model.training and base.is_gradient_checkpointing and not base.config.use_cache
+
+
+def test_load_in_4bit_quantizes_linear_layers(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    model, _ = FastLanguageModel.from_pretrained(tiny_model_dir, load_in_4bit=True)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.quant_type == "nf4"
