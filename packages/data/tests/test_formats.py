@@ -27,8 +27,12 @@ def test_alpaca_input_is_appended_to_the_instruction():
 
 
 def test_openai_content_parts_are_joined():
-    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Q"}]},
-                        {"role": "assistant", "content": [{"type": "text", "text": "A"}]}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Q"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A"}]},
+        ]
+    }
     assert standardize(datasets.Dataset.from_list([row]))["messages"] == [EXPECTED]
 
 

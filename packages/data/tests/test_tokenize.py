@@ -27,22 +27,25 @@ def test_only_assistant_turns_are_labeled(tokenizer):
 
 
 def test_all_tokens_are_labeled_when_asked(tokenizer):
-    dataset = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Q"},
-                                                        {"role": "assistant", "content": "A"}]}])
+    dataset = datasets.Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]
+    )
     row = tokenize_conversations(dataset, tokenizer, 512, train_on_responses_only=False)[0]
     assert row["labels"] == row["input_ids"]
 
 
 def test_truncation_to_max_length(tokenizer):
-    dataset = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Q " * 50},
-                                                        {"role": "assistant", "content": "A " * 50}]}])
+    dataset = datasets.Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "Q " * 50}, {"role": "assistant", "content": "A " * 50}]}]
+    )
     row = tokenize_conversations(dataset, tokenizer, 64, train_on_responses_only=False)[0]
     assert len(row["input_ids"]) == 64
 
 
 def test_answers_cut_off_by_max_length_is_an_error(tokenizer):
-    dataset = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "question " * 40},
-                                                        {"role": "assistant", "content": "A"}]}])
+    dataset = datasets.Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "question " * 40}, {"role": "assistant", "content": "A"}]}]
+    )
     with pytest.raises(ValueError, match="Every label is -100"):
         tokenize_conversations(dataset, tokenizer, 16)
 

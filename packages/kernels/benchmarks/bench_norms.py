@@ -180,7 +180,7 @@ def main() -> None:
                     results.append(row)
                 torch._dynamo.reset()
 
-    print(f"\ncopy bandwidth: {copy_gbps:.0f} GB/s (bf16, fwd+bwd, % of copy bandwidth; extra peak MiB)")
+    print(f"\ncopy bandwidth: {copy_gbps:.1f} GB/s (bf16, fwd+bwd, % of copy bandwidth; extra peak MiB)")
     print(f"{'op':<11} {'shape':<12} {'weight':<10} {'provider':<8} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'MiB':>8}")
     for r in results:
         if "error" in r:

@@ -1,6 +1,7 @@
 import pytest
-import swiftune_kernels
 import torch
+
+import swiftune_kernels
 from swiftune_kernels.cross_entropy import CrossEntropyFunction, cross_entropy, cross_entropy_forward
 from swiftune_kernels.reference.cross_entropy import cross_entropy as reference
 
@@ -62,7 +63,7 @@ def test_unit_grad_output_skips_scaling_and_stays_exact(device, tolerance):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_vocab_walks_blocks(dtype, device, tolerance):
-    # 151936 (Qwen) spans 10 blocks of 16384 bf16 (19 of 8192 fp32) with a ragged last block.
+    # 151936 (Qwen) spans 5 blocks of 32768 bf16 (10 of 16384 fp32) with a ragged last block.
     logits, targets = make_inputs(3, 151936, dtype, device, ignore_every=3)
     logits[1, 151935] = 30.0  # the maximum sits in the ragged last block
     targets[1] = 151935

@@ -1,6 +1,7 @@
 import pytest
-import swiftune_kernels
 import torch
+
+import swiftune_kernels
 from swiftune_kernels.fused_linear_cross_entropy import (
     FusedLinearCrossEntropyFunction,
     default_chunk_size,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from swiftune_kernels.gated_activation import GatedActivationFunction, gated_activation, geglu, swiglu
 from swiftune_kernels.reference import gated_activation as reference
 

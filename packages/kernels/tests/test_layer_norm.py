@@ -4,6 +4,7 @@ import importlib
 
 import pytest
 import torch
+
 from swiftune_kernels.layer_norm import LayerNormFunction, layer_norm
 from swiftune_kernels.modules import LayerNorm
 from swiftune_kernels.reference.layer_norm import layer_norm as reference

@@ -4,6 +4,7 @@ import importlib
 
 import pytest
 import torch
+
 from swiftune_kernels.modules import RMSNorm
 from swiftune_kernels.reference.rms_norm import rms_norm as reference
 from swiftune_kernels.rms_norm import RMSNormFunction, rms_norm

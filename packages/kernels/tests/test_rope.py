@@ -1,12 +1,16 @@
 """RoPE: the Triton path (the interpreter on CPU) against the float64 reference, forward and gradients of q and k."""
 
+import importlib
 import math
 
 import pytest
-import swiftune_kernels.rope as rope_module
 import torch
+
 from swiftune_kernels.reference import rope as reference
 from swiftune_kernels.rope import RoPEFunction, apply_rotary_pos_emb, rope
+
+# the module, not the function of the same name that the package exports
+rope_module = importlib.import_module("swiftune_kernels.rope")
 
 BATCH, Q_HEADS, K_HEADS, SEQ, HEAD_DIM = 2, 6, 2, 37, 24
 MAX_POS = 64
@@ -179,6 +183,24 @@ def test_inplace_writes_into_q_and_k_and_keeps_gradients(device, tolerance, rota
     (out[0].sum() + 2 * out[1].sum()).backward()
     torch.testing.assert_close(q_leaf.grad, q_ref.grad, **tolerance(torch.float32))
     torch.testing.assert_close(k_leaf.grad, k_ref.grad, **tolerance(torch.float32))
+
+
+def test_inplace_on_views_refused_under_autograd_and_allowed_without(device):
+    q0, k0 = _inputs(device, torch.float32)
+    cos, sin = _angle_tables(MAX_POS, HEAD_DIM, False, False)
+    cos, sin = cos.to(device), sin.to(device)
+    expected = rope(q0, k0, cos, sin)
+    q_bshd = q0.transpose(1, 2).contiguous().requires_grad_(True)
+    k_bshd = k0.transpose(1, 2).contiguous().requires_grad_(True)
+    q, k = (q_bshd * 1.0).transpose(1, 2), (k_bshd * 1.0).transpose(1, 2)
+    with pytest.raises(ValueError, match="views"):
+        rope(q, k, cos, sin, inplace=True)
+    assert torch.equal(q, q0) and torch.equal(k, k0)  # refused before anything was written
+    with torch.no_grad():
+        q_out, k_out = rope(q, k, cos, sin, inplace=True)
+    assert q_out is q and k_out is k
+    torch.testing.assert_close(q, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(k, expected[1], rtol=0, atol=0)
 
 
 def test_inputs_are_untouched_and_frozen_k_gets_no_gradient(device):

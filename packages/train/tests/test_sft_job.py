@@ -9,9 +9,19 @@ from swiftune_train import SFTJob, run_sft_job
 
 
 def _job(model_dir, dataset, output_dir, **overrides):
-    settings = dict(model=str(model_dir), dataset=str(dataset), output_dir=str(output_dir), max_steps=12,
-                    batch_size=4, learning_rate=2e-2, lora_r=8, lora_alpha=16, gradient_checkpointing=False,
-                    max_seq_length=64, probe_questions=["Who founded Quillhaven?"])
+    settings = dict(
+        model=str(model_dir),
+        dataset=str(dataset),
+        output_dir=str(output_dir),
+        max_steps=12,
+        batch_size=4,
+        learning_rate=2e-2,
+        lora_r=8,
+        lora_alpha=16,
+        gradient_checkpointing=False,
+        max_seq_length=64,
+        probe_questions=["Who founded Quillhaven?"],
+    )
     settings.update(overrides)
     return SFTJob(**settings)
 

@@ -21,7 +21,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``swiftune``; returns the exit status (0 on success, 1 on a user error, 2 on a usage error)."""
     parser = build_parser()

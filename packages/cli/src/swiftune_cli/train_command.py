@@ -31,11 +31,19 @@ def add_parser(commands) -> None:
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: quantize the base to NF4")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: per device")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute activations in backward (default: on with a GPU, off on the CPU)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in backward (default: on with a GPU, off on the CPU)",
+    )
     p.add_argument("--all-tokens", action="store_true", help="train on prompts too, not only on assistant answers")
-    p.add_argument("--question", action="append", default=None,
-                   help="question to answer before and after training (repeatable; default: two held-out ones)")
+    p.add_argument(
+        "--question",
+        action="append",
+        default=None,
+        help="question to answer before and after training (repeatable; default: two held-out ones)",
+    )
     p.add_argument("--seed", type=int, default=3407)
     p.set_defaults(run=run)
 
@@ -43,11 +51,14 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     """Run the fine-tuning job and print what it learned."""
     import torch
+
     from swiftune_train import SFTJob, check_output_dir, run_sft_job
 
     check_output_dir(args.output_dir)
     questions = args.question if args.question is not None else _default_questions(args.data)
-    checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else torch.cuda.is_available()
+    checkpointing = (
+        args.gradient_checkpointing if args.gradient_checkpointing is not None else torch.cuda.is_available()
+    )
     job = SFTJob(
         model=args.model,
         dataset=args.data,

@@ -23,7 +23,9 @@ def load_dataset_file(path: str | os.PathLike) -> Dataset:
     if not path.exists():
         raise FileNotFoundError(f"Dataset file '{path}' does not exist.")
     if path.is_dir():
-        raise FileNotFoundError(f"Dataset path '{path}' is a folder; pass one .jsonl, .json, .csv, .parquet or .txt file.")
+        raise FileNotFoundError(
+            f"Dataset path '{path}' is a folder; pass one .jsonl, .json, .csv, .parquet or .txt file."
+        )
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(f"Cannot read '{path.name}': use one of {', '.join(sorted(_BUILDERS))}.")

@@ -11,8 +11,14 @@ KNOWN_FORMATS = {
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
 }
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "model": "assistant"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "model": "assistant",
+}
 
 
 def detect_format(column_names: list[str]) -> str:
@@ -35,15 +41,21 @@ def standardize(dataset: Dataset) -> Dataset:
         ValueError: the format is unknown, or a row has no assistant turn or an unknown role.
     """
     fmt = detect_format(dataset.column_names)
-    convert = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
-               "prompt_completion": _from_prompt_completion}[fmt]
+    convert = {
+        "messages": _from_messages,
+        "sharegpt": _from_sharegpt,
+        "alpaca": _from_alpaca,
+        "prompt_completion": _from_prompt_completion,
+    }[fmt]
     return dataset.map(lambda row: {"messages": _validated(convert(row))}, remove_columns=dataset.column_names)
 
 
 def _validated(messages: list[dict]) -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("A conversation has no assistant turn, so there is nothing to learn from it: "
-                         f"{[m['role'] for m in messages]}.")
+        raise ValueError(
+            "A conversation has no assistant turn, so there is nothing to learn from it: "
+            f"{[m['role'] for m in messages]}."
+        )
     return messages
 
 

@@ -20,8 +20,16 @@ from swiftune_export.atomic import atomic_directory
 from swiftune_export.safetensors_files import ShardedWriter, iter_tensors, weight_files
 
 # Files copied from the adapter (or base) folder so that the merged folder is self-contained.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias"}
 
 
@@ -136,7 +144,9 @@ def _merged(weight: torch.Tensor, pair: dict[str, torch.Tensor], scale: float, n
         raise ValueError(f"LoRA weights of {name} are incomplete: found only {sorted(pair)}.")
     a, b = pair["A"].to(torch.float32), pair["B"].to(torch.float32)
     if weight.shape != (b.shape[0], a.shape[1]):
-        raise ValueError(f"LoRA shapes {tuple(b.shape)} @ {tuple(a.shape)} do not fit {name} of shape {tuple(weight.shape)}.")
+        raise ValueError(
+            f"LoRA shapes {tuple(b.shape)} @ {tuple(a.shape)} do not fit {name} of shape {tuple(weight.shape)}."
+        )
     return (weight.to(torch.float32) + scale * (b @ a)).to(weight.dtype)
 
 

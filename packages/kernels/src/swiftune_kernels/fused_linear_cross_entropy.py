@@ -14,6 +14,7 @@ weight gradient after the fact, so backward recomputes the chunks with grad_outp
 from __future__ import annotations
 
 import torch
+import triton
 
 from swiftune_kernels.cross_entropy import (
     check_loss_options,
@@ -57,11 +58,15 @@ def fused_linear_cross_entropy_forward(
     n_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     device = hidden.device
-    chunk = chunk_size or default_chunk_size(n_rows, vocab_size, hidden.element_size())
+    # Rows of the logits buffer start on 128-byte boundaries even for vocabularies grown by added tokens (50257,
+    # 32001): the kernel's loads vectorize only when the row stride is a multiple of 16 elements, and cuBLAS
+    # takes the padded stride as its leading dimension.
+    row_stride = triton.cdiv(vocab_size, 64) * 64
+    chunk = chunk_size or default_chunk_size(n_rows, row_stride, hidden.element_size())
     chunk = max(1, min(chunk, n_rows))
     compute_grad = grad_hidden or grad_weight or grad_bias
     loss = torch.empty(n_rows, dtype=torch.float32, device=device)
-    logits_buffer = torch.empty(chunk, vocab_size, dtype=hidden.dtype, device=device)
+    logits_buffer = torch.empty(chunk, row_stride, dtype=hidden.dtype, device=device)[:, :vocab_size]
     d_hidden = torch.empty(n_rows, hidden_size, dtype=hidden.dtype, device=device) if grad_hidden else None
     # No zero fill: the first chunk writes grad_W with mm, later chunks add into it.
     d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device) if grad_weight else None

@@ -216,8 +216,9 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, rotary_dim, interleaved,
     block_half = triton.next_power_of_2(half)
     tail = head_dim - rotary_dim
     block_tail = triton.next_power_of_2(max(tail, 1))
-    # ~1024 elements per (BLOCK_S, BLOCK_HALF) tile: the 4 table tiles and 2 data tiles stay in registers
-    # (~48 fp32 registers a thread at 4 warps), leaving room for many resident programs to hide latency.
+    # ~1024 elements per (BLOCK_S, BLOCK_HALF) tile: the 4 table tiles and 2 heads' data stay in registers
+    # (72 a thread at 4 warps for head_dim 128 on sm_90, by ptxas), so ~7 programs reside per SM, each with
+    # 8 KB of loads in flight: ~7 MB over an H100, well above bandwidth x latency (~2 MB).
     block_s = max(1, min(triton.next_power_of_2(seq_len), 1024 // max(block_half, block_tail // 2), 128))
     n_s_blocks = triton.cdiv(seq_len, block_s)
     # Enough heads a program to amortize its cos/sin loads, but enough programs to fill an H100.
@@ -374,14 +375,23 @@ def rope(
             width of ``cos``. A half-width table therefore needs ``rotary_dim`` passed.
         interleaved: False pairs (i, i + rotary_dim/2) (rotate-half: Llama, NeoX); True pairs (2i, 2i+1) (GPT-J).
         inplace: write the result into q and k and return them (saves two allocations; q and k must not be
-            needed elsewhere, and autograd refuses leaf tensors that require grad).
+            needed elsewhere). While autograd tracks them, q and k must be neither leaves nor views.
 
     Returns:
         (q_out, k_out) with the shapes, dtypes and layouts of q and k.
     """
     rotary_dim = _check_args(q, k, cos, sin, position_ids, rotary_dim)
     interleaved, inplace = bool(interleaved), bool(inplace)
+    tracked = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if inplace and tracked and (q._is_view() or k._is_view()):
+        # autograd cannot rebase two outputs of one Function onto views; checked before anything is written
+        raise ValueError(
+            "inplace=True cannot rotate q or k that are views (e.g. .transpose(1, 2) of a projection) while they "
+            "require grad; drop inplace (the out-of-place result keeps their layout) or pass non-view tensors."
+        )
     if use_triton(q):
+        if not tracked:  # no graph to record: launch directly (this also returns q and k themselves when inplace)
+            return rope_forward(q, k, cos, sin, position_ids, rotary_dim, interleaved, inplace)
         return RoPEFunction.apply(q, k, cos, sin, position_ids, rotary_dim, interleaved, inplace)
     q_out, k_out = _reference.rope(q, k, cos, sin, position_ids, rotary_dim, interleaved)
     if inplace:

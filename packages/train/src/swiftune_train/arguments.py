@@ -7,11 +7,15 @@ from trl import SFTConfig
 
 # transformers 5 renamed gradient_checkpointing to activation_checkpointing; older 5.x releases only know the first.
 _CHECKPOINTING_FIELD = (
-    "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ else "gradient_checkpointing"
+    "activation_checkpointing"
+    if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+    else "gradient_checkpointing"
 )
 
 
-def sft_config(output_dir: str, model_dtype: torch.dtype | None = None, gradient_checkpointing: bool = True, **overrides):
+def sft_config(
+    output_dir: str, model_dtype: torch.dtype | None = None, gradient_checkpointing: bool = True, **overrides
+):
     """Build an ``SFTConfig`` with LoRA-friendly defaults; every default can be overridden by keyword.
 
     Defaults: learning rate 2e-4, linear schedule with a short warmup, logging every step, no intermediate

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from swiftune_data import load_conversations, tokenize_conversations
 from swiftune_loader import FastLanguageModel, chat_reply
-
 from swiftune_train.arguments import sft_config
 from swiftune_train.progress import ProgressPrinter
 
@@ -110,9 +109,10 @@ def run_sft_job(job: SFTJob, write=print) -> SFTResult:
     Returns:
         The :class:`SFTResult`.
     """
-    from swiftune_data import bundled_dataset_path
     from transformers import PrinterCallback
     from trl import SFTTrainer
+
+    from swiftune_data import bundled_dataset_path
 
     output_dir = check_output_dir(job.output_dir)
     dataset_path = job.dataset if job.dataset is not None else bundled_dataset_path("train")
