@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from _timing import time_ms
 
 
 def hf_cross_entropy(logits, targets, softcap=None):
@@ -52,18 +51,9 @@ def _providers(softcap):
     return providers
 
 
-def _time_ms(fn, on_gpu: bool, smoke: bool) -> float:
-    if on_gpu:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(2 if smoke else 10):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _time_ms(fn, on_gpu: bool, smoke: bool, graph: bool = True) -> tuple[float, dict]:
+    # CUDA-graph GPU time (do_bench kept in the row as ms_do_bench); see _timing.py for why.
+    return time_ms(fn, on_gpu, smoke, graph)
 
 
 def copy_bandwidth_gbps(device: torch.device, on_gpu: bool, smoke: bool) -> float:
@@ -71,7 +61,7 @@ def copy_bandwidth_gbps(device: torch.device, on_gpu: bool, smoke: bool) -> floa
     numel = (1 << 20) if smoke else (1 << 28)  # 512 MiB of bf16 per tensor on the GPU
     src = torch.randn(numel, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), on_gpu, smoke)
+    ms, _ = _time_ms(lambda: dst.copy_(src), on_gpu, smoke)
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
@@ -122,10 +112,12 @@ def measure(provider, fn, rows, vocab, dtype, device, on_gpu, smoke, copy_gbps, 
         # leave gradients in the buffer, which the next call reads as logits: the work does not depend on values.
         torch.autograd.grad(fn(base.view_as(base), targets), [base])
 
-    ms = _time_ms(step, on_gpu, smoke)
+    ms, timing = _time_ms(step, on_gpu, smoke)
     # Extra peak includes the (N, V) gradient that eager and inplace=False return; in-place providers return the
     # logits buffer itself.
-    return _row(provider, rows, vocab, dtype, ms, copy_gbps, _extra_peak_mib(step, on_gpu), on_gpu, softcap=softcap)
+    return _row(
+        provider, rows, vocab, dtype, ms, copy_gbps, _extra_peak_mib(step, on_gpu), on_gpu, softcap=softcap, **timing
+    )
 
 
 def sweep(rows, vocab, dtype, device, on_gpu, smoke, copy_gbps, softcap):
@@ -138,7 +130,7 @@ def sweep(rows, vocab, dtype, device, on_gpu, smoke, copy_gbps, softcap):
     configs += [(32768, 32), (None, None)] if not smoke else []
     out = []
     for block_v, num_warps in configs:
-        ms = _time_ms(
+        ms, timing = _time_ms(
             lambda bv=block_v, nw=num_warps: cross_entropy_forward(
                 logits, targets, weight, softcap=softcap, grad=logits, block_v=bv, num_warps=nw
             ),
@@ -146,7 +138,7 @@ def sweep(rows, vocab, dtype, device, on_gpu, smoke, copy_gbps, softcap):
             smoke,
         )
         name = "ours-kernel[default]" if block_v is None else f"ours-kernel[bv={block_v},w={num_warps}]"
-        out.append(_row(name, rows, vocab, dtype, ms, copy_gbps, None, on_gpu, softcap=softcap))
+        out.append(_row(name, rows, vocab, dtype, ms, copy_gbps, None, on_gpu, softcap=softcap, **timing))
     return out
 
 

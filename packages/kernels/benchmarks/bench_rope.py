@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
+from _timing import time_ms
 
 
 def rotate_half(x):
@@ -64,18 +63,9 @@ def _providers():
     return providers
 
 
-def _time_ms(fn, on_gpu: bool, smoke: bool) -> float:
-    if on_gpu:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()  # compile / warm up
-    times = []
-    for _ in range(2 if smoke else 10):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _time_ms(fn, on_gpu: bool, smoke: bool, graph: bool = True) -> tuple[float, dict]:
+    # CUDA-graph GPU time (do_bench kept in the row as ms_do_bench); see _timing.py for why.
+    return time_ms(fn, on_gpu, smoke, graph)
 
 
 def copy_bandwidth_gbps(device: torch.device, on_gpu: bool, smoke: bool) -> float:
@@ -83,7 +73,7 @@ def copy_bandwidth_gbps(device: torch.device, on_gpu: bool, smoke: bool) -> floa
     numel = (1 << 20) if smoke else (1 << 28)  # 512 MiB of bf16 per tensor on the GPU
     src = torch.randn(numel, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), on_gpu, smoke)
+    ms, _ = _time_ms(lambda: dst.copy_(src), on_gpu, smoke)
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
@@ -149,7 +139,7 @@ def measure(provider, fn, shape, layout, device, on_gpu, smoke, copy_gbps):
     def step():
         torch.autograd.grad(fn(q, k, tables), (q, k), (dq, dk))
 
-    ms = _time_ms(step, on_gpu, smoke)
+    ms, timing = _time_ms(step, on_gpu, smoke)
     extra_mb = None
     if on_gpu:
         torch.cuda.synchronize()
@@ -176,6 +166,7 @@ def measure(provider, fn, shape, layout, device, on_gpu, smoke, copy_gbps):
         "relerr_out": float(f"{err:.3g}"),
         "relerr_grad": float(f"{err_grad:.3g}"),
         "device": torch.cuda.get_device_name(device) if on_gpu else "cpu (Triton interpreter)",
+        **timing,
     }
 
 

@@ -68,3 +68,30 @@ def test_load_in_4bit_quantizes_linear_layers(tiny_model_dir):
     model, _ = FastLanguageModel.from_pretrained(tiny_model_dir, load_in_4bit=True)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.quant_type == "nf4"
+
+
+def test_fast_path_on_request_patches_and_keeps_outputs(tiny_model_dir):
+    plain, _ = FastLanguageModel.from_pretrained(tiny_model_dir, fast_path=False)
+    fast, _ = FastLanguageModel.from_pretrained(tiny_model_dir, fast_path=True)
+    assert plain._swiftune_patch is None and fast._swiftune_patch.counts["norms"] > 0
+    ids = torch.tensor([[1, 7, 42, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, plain(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_fast_path_is_off_by_default_on_the_cpu(tiny_model_dir):
+    model, _ = FastLanguageModel.from_pretrained(tiny_model_dir)
+    assert model._swiftune_patch is None
+
+
+def test_unknown_architecture_warns_and_loads_plainly(tmp_path, caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=384)).save_pretrained(tmp_path)
+    from swiftune_tokenizers_fix.testing import build_chat_tokenizer
+
+    build_chat_tokenizer().save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        model, _ = FastLanguageModel.from_pretrained(tmp_path, fast_path=True)
+    assert model._swiftune_patch is None
+    assert "No swiftune fast path for model_type='gpt2'" in caplog.text

@@ -26,12 +26,20 @@ def test_every_defect_at_once_is_repaired_in_order_and_a_second_pass_finds_nothi
 
     _, repairs = fix_tokenizer(tokenizer, model)
 
-    assert [r.kind for r in repairs] == ["pad_token", "padding_side", "generation_prompt", "double_bos", "embedding_size"]
+    assert [r.kind for r in repairs] == [
+        "pad_token",
+        "padding_side",
+        "generation_prompt",
+        "double_bos",
+        "embedding_size",
+    ]
     assert all(isinstance(r, Repair) for r in repairs)
     assert repair_log() == [str(r) for r in repairs]  # one line each
     assert tokenizer.pad_token_id == 384 == model.config.pad_token_id and model.config.vocab_size == 385
     assert tokenizer.padding_side == "right"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>assistant\n") and tokenizer(text)["input_ids"].count(tokenizer.bos_token_id) == 1
     assert fix_tokenizer(tokenizer, model)[1] == []
 
@@ -42,8 +50,9 @@ def test_generation_padding_is_an_option():
 
 
 def test_bad_arguments_say_what_to_pass(tmp_path):
-    from swiftune_tokenizers_fix.testing import build_sentencepiece_folder
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    from swiftune_tokenizers_fix.testing import build_sentencepiece_folder
 
     with pytest.raises(TypeError, match="load_tokenizer"):
         fix_tokenizer(str(tmp_path))

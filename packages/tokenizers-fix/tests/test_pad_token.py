@@ -56,7 +56,9 @@ def test_model_config_out_of_step_with_a_good_pad_token_is_updated(repair_log):
     model = build_tiny_llama(tokenizer)
     model.config.pad_token_id = tokenizer.eos_token_id
     repair = fix_pad_token(tokenizer, model)
-    assert "config.pad_token_id" in repair.found and model.config.pad_token_id == tokenizer.convert_tokens_to_ids("<|pad|>")
+    assert "config.pad_token_id" in repair.found and model.config.pad_token_id == tokenizer.convert_tokens_to_ids(
+        "<|pad|>"
+    )
     assert fix_pad_token(tokenizer, model) is None
     assert len(repair_log()) == 1
 

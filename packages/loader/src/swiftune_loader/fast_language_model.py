@@ -35,6 +35,7 @@ class FastLanguageModel:
         trust_remote_code: bool = False,
         use_gradient_checkpointing: bool | str = True,
         rope_scaling: dict | None = None,
+        fast_path: bool | None = None,
         **kwargs,
     ):
         """Load a model and its tokenizer from a local folder (or the bundled default when ``model_name`` is None).
@@ -50,6 +51,9 @@ class FastLanguageModel:
             trust_remote_code: run code shipped in the model folder; off unless you trust the folder.
             use_gradient_checkpointing: recompute activations in backward to save memory.
             rope_scaling: a RoPE scaling dict to set on the config (e.g. to extend the context).
+            fast_path: put swiftune's kernels into the model (norms, RoPE, gated MLP). None: on a GPU only, since
+                on the CPU the kernels fall back to their pure-torch references. The handle that undoes it is
+                ``model._swiftune_patch``.
             **kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
 
         Returns:
@@ -94,6 +98,7 @@ class FastLanguageModel:
         model._swiftune_gradient_checkpointing = use_gradient_checkpointing
         if full_finetuning:
             model.requires_grad_(True)
+        model._swiftune_patch = _apply_fast_path(model, fast_path)
         logger.info("Loaded %s (%s, %s) on %s.", path, config.model_type, torch_dtype, model.device)
         return model, tokenizer
 
@@ -196,6 +201,25 @@ class FastLanguageModel:
             inner._swiftune_checkpointing_paused = False
         inner.config.use_cache = False
         return model
+
+
+def _apply_fast_path(model, fast_path: bool | None):
+    """Patch ``model`` with swiftune's kernels when asked (or on a GPU by default); warn when no fast path exists."""
+    from swiftune_loader.architectures import spec_for
+    from swiftune_loader.patching import patch_model
+
+    if fast_path is None:
+        fast_path = next(model.parameters()).is_cuda
+    if not fast_path:
+        return None
+    spec = spec_for(model.config.model_type)
+    if spec is None:
+        logger.warning(
+            "No swiftune fast path for model_type=%r: it loads and trains through plain transformers.",
+            model.config.model_type,
+        )
+        return None
+    return patch_model(model, spec)
 
 
 def _unwrap(model):

@@ -63,7 +63,9 @@ def remove_special_token_from_post_processor(tokenizer, token: str) -> bool:
         return False
     # Only the post-processor is needed from the edited JSON: rebuild it on an empty model instead of the vocabulary.
     minimal = {key: None for key in ("truncation", "padding", "normalizer", "pre_tokenizer", "decoder")}
-    minimal.update(version="1.0", added_tokens=[], post_processor=processor, model={"type": "BPE", "vocab": {}, "merges": []})
+    minimal.update(
+        version="1.0", added_tokens=[], post_processor=processor, model={"type": "BPE", "vocab": {}, "merges": []}
+    )
     tokenizer.backend_tokenizer.post_processor = Tokenizer.from_str(json.dumps(minimal)).post_processor
     return True
 

@@ -100,7 +100,9 @@ def fix_generation_prompt(tokenizer) -> Repair | None:
     if not prompt:
         return None
     # json.dumps gives a double-quoted literal whose escapes (\n, \", \\) Jinja's lexer reads back unchanged.
-    tokenizer.chat_template = template + "{% if add_generation_prompt %}{{ " + json.dumps(prompt, ensure_ascii=False) + " }}{% endif %}"
+    tokenizer.chat_template = (
+        template + "{% if add_generation_prompt %}{{ " + json.dumps(prompt, ensure_ascii=False) + " }}{% endif %}"
+    )
     if render_chat(tokenizer, [_USER], add_generation_prompt=True) != without + prompt:
         tokenizer.chat_template = template
         raise ValueError(

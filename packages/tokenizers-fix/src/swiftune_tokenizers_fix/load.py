@@ -96,7 +96,10 @@ def rebuild_from_sentencepiece(tokenizer, model_file: str | os.PathLike) -> Repa
     if got == expected:
         return None
     at = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected)))
-    fast_pieces, slow_pieces = tokenizer.convert_ids_to_tokens(got[at : at + 3]), slow.id_to_piece(expected[at : at + 3])
+    fast_pieces, slow_pieces = (
+        tokenizer.convert_ids_to_tokens(got[at : at + 3]),
+        slow.id_to_piece(expected[at : at + 3]),
+    )
     backend = sentencepiece_to_tokenizers(model_file)
     _carry_added_tokens(tokenizer, backend)
     backend.post_processor = tokenizer.backend_tokenizer.post_processor

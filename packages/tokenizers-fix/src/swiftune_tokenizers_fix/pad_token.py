@@ -17,7 +17,14 @@ PAD_TOKEN_NAMES = (
     "<|PAD_TOKEN|>",
 )
 # Reserved or unused tokens that families ship for later use; any one of them can pad.
-RESERVED_TOKEN_PREFIXES = ("<|reserved_special_token", "<|reserved", "<unused", "[control_", "<|placeholder", "<|extra_")
+RESERVED_TOKEN_PREFIXES = (
+    "<|reserved_special_token",
+    "<|reserved",
+    "<unused",
+    "[control_",
+    "<|placeholder",
+    "<|extra_",
+)
 NEW_PAD_TOKEN = "<|pad|>"
 
 
@@ -83,7 +90,9 @@ def _choose_pad_token(tokenizer, vocab: dict[str, int], model) -> tuple[str, str
         if usable(name):
             return name, "reused the token reserved for padding"
     # The last reserved token is the least likely to have been given a meaning by a later release of the family.
-    reserved = [str(t) for _, t in sorted(tokenizer.added_tokens_decoder.items()) if str(t).startswith(RESERVED_TOKEN_PREFIXES)]
+    reserved = [
+        str(t) for _, t in sorted(tokenizer.added_tokens_decoder.items()) if str(t).startswith(RESERVED_TOKEN_PREFIXES)
+    ]
     for token in reversed(reserved):
         if usable(token):
             return token, "reused a reserved, unused token"

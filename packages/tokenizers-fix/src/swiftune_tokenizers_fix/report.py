@@ -37,5 +37,11 @@ def report(kind: str, found: str, did: str) -> Repair:
     return repair
 
 
+def preview(items, limit: int = 5) -> str:
+    """The first ``limit`` items as reprs, then "..." when there are more: long token lists stay readable."""
+    items = list(items)
+    return ", ".join(map(repr, items[:limit])) + (", ..." if len(items) > limit else "")
+
+
 def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")

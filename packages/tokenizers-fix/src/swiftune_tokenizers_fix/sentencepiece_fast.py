@@ -56,7 +56,9 @@ def sentencepiece_to_tokenizers(path: str | os.PathLike):
     proto = read_sentencepiece_model(path)
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
     if trainer.treat_whitespace_as_suffix:
-        raise ValueError(f"{path} uses treat_whitespace_as_suffix, which swiftune cannot convert; keep its tokenizer.json.")
+        raise ValueError(
+            f"{path} uses treat_whitespace_as_suffix, which swiftune cannot convert; keep its tokenizer.json."
+        )
     if trainer.model_type not in (_UNIGRAM, _BPE):
         raise ValueError(f"{path} is a sentencepiece model of type {trainer.model_type}; only BPE and Unigram convert.")
 

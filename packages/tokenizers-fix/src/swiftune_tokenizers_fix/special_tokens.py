@@ -54,7 +54,11 @@ def fix_special_tokens(tokenizer, model=None) -> Repair | None:
                 continue  # a real token beyond the embeddings: the embedding-size repair grows the model for it
             found.append(
                 f"{role} {token!r} "
-                + ("not in the vocabulary" if token_id is None else f"with id {token_id}, beyond {limit} embedding rows")
+                + (
+                    "not in the vocabulary"
+                    if token_id is None
+                    else f"with id {token_id}, beyond {limit} embedding rows"
+                )
             )
             if replacement is None and role == "eos_token":
                 raise ValueError(
@@ -63,7 +67,9 @@ def fix_special_tokens(tokenizer, model=None) -> Repair | None:
                     "assistant turn (for ChatML '<|im_end|>') before fine-tuning."
                 )
             setattr(tokenizer, role, replacement)
-            did.append(f"{role} -> {replacement!r}" + (f" (id {vocab[replacement]}, from {source})" if replacement else ""))
+            did.append(
+                f"{role} -> {replacement!r}" + (f" (id {vocab[replacement]}, from {source})" if replacement else "")
+            )
             if token_id is not None:
                 abandoned.add(token)
         elif tokenizer(token, add_special_tokens=False)["input_ids"] != [token_id]:

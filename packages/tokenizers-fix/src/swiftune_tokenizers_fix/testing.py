@@ -66,7 +66,9 @@ def add_bos_on_encode(tokenizer):
     return tokenizer
 
 
-def build_sentencepiece_folder(directory, model_type: str = "bpe", vocab_size: int = 400, corpus: list[str] | None = None):
+def build_sentencepiece_folder(
+    directory, model_type: str = "bpe", vocab_size: int = 400, corpus: list[str] | None = None
+):
     """Train a sentencepiece model and save it with a matching fast tokenizer, as Llama 2 and Mistral folders hold.
 
     The folder gets ``tokenizer.model`` (the slow, sentencepiece side), ``tokenizer.json`` built from it (which

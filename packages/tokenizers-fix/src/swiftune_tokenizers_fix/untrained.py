@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from swiftune_tokenizers_fix._validate import require_fast_tokenizer, require_model
 from swiftune_tokenizers_fix.chat_template import render_chat, template_token_ids
 from swiftune_tokenizers_fix.embeddings import embedding_matrices, mark_for_training
-from swiftune_tokenizers_fix.report import report
+from swiftune_tokenizers_fix.report import preview, report
 
 # A row counts as never trained when its largest entry is this small compared with a typical row's largest entry.
 # Relative, so that it holds for any dtype and initialisation scale; trained rows sit within ~10x of the median.
@@ -56,7 +56,9 @@ def fix_untrained_tokens(model, tokenizer, dataset=None) -> list[int]:
         for name, weight in embedding_matrices(model):
             untrained = untrained_rows(weight)
             if bool(untrained.all()):
-                raise ValueError(f"Every row of the model's {name} is zero: the weights did not load. Reload the model.")
+                raise ValueError(
+                    f"Every row of the model's {name} is zero: the weights did not load. Reload the model."
+                )
             targets = sorted(i for i in used if 0 <= i < weight.shape[0] and bool(untrained[i]))
             if targets:
                 weight[targets] = weight[~untrained].float().mean(dim=0).to(weight.dtype)
@@ -66,11 +68,10 @@ def fix_untrained_tokens(model, tokenizer, dataset=None) -> list[int]:
     if not fixed:
         return []
     mark_for_training(model, fixed)
-    names = tokenizer.convert_ids_to_tokens(sorted(fixed)[:5])
     report(
         "untrained_tokens",
-        f"never-trained embedding rows for {len(fixed)} used tokens ({', '.join(map(repr, names))}"
-        f"{', ...' if len(fixed) > 5 else ''})",
+        f"never-trained embedding rows for {len(fixed)} used tokens "
+        f"({preview(tokenizer.convert_ids_to_tokens(sorted(fixed)))})",
         f"set {' and '.join(counts)} to the mean of the trained rows and marked them for training"
         f" ({unused} unused untrained rows left as they are)",
     )

@@ -1,0 +1,16 @@
+"""The architectures with a fast path, one small file each, gathered in one table keyed by ``model_type``."""
+
+from __future__ import annotations
+
+from swiftune_loader.architectures import llama, mistral, qwen2
+from swiftune_loader.architectures.spec import ArchitectureSpec
+
+SPECS: dict[str, ArchitectureSpec] = {module.SPEC.model_type: module.SPEC for module in (llama, mistral, qwen2)}
+
+
+def spec_for(model_type: str) -> ArchitectureSpec | None:
+    """The spec of ``model_type``, or None when swiftune has no fast path for it."""
+    return SPECS.get(model_type)
+
+
+__all__ = ["SPECS", "ArchitectureSpec", "spec_for"]

@@ -1,0 +1,30 @@
+"""What an architecture needs from the fast path, stated as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """The facts of one decoder architecture that the patching engine acts on.
+
+    Attributes:
+        model_type: transformers' ``config.model_type``.
+        norm_class_names: class names of the RMSNorm modules to swap for swiftune's.
+        norm_offset: 0.0 when the norm weight is used as given, 1.0 for ``1 + weight`` (Gemma).
+        norm_casting: "llama" (normalise in float32, cast, then scale) or "gemma" (scale in float32, then cast).
+        attention_class_names: class names of the attention modules whose RoPE runs through swiftune's kernel.
+        mlp_class_names: class names of the gated MLP modules (gate_proj, up_proj, down_proj).
+        activation: the gate activation: "silu" (SwiGLU), "gelu" or "gelu_tanh" (GeGLU).
+        rope: "rotate_half" or "interleaved".
+    """
+
+    model_type: str
+    norm_class_names: tuple[str, ...]
+    norm_offset: float
+    norm_casting: str
+    attention_class_names: tuple[str, ...]
+    mlp_class_names: tuple[str, ...]
+    activation: str
+    rope: str = "rotate_half"

@@ -1,0 +1,86 @@
+"""The patching engine: swap norm modules and bind fast forwards on a built model, reversibly.
+
+Nothing global changes: modules are replaced with ``setattr`` on their parent, and forwards are bound to single
+instances (an instance attribute that shadows the class method). ``PatchHandle.revert()`` undoes both.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+from swiftune_kernels.modules import RMSNorm
+from swiftune_loader.architectures import ArchitectureSpec, spec_for
+from swiftune_loader.patching.forwards import attention_forward, gated_mlp_forward
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PatchHandle:
+    """What a patch changed, so that :meth:`revert` can put the model back as it was."""
+
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = field(default_factory=list)
+    bound: list[torch.nn.Module] = field(default_factory=list)
+    spec: ArchitectureSpec | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """How many norms were swapped and how many forwards were bound."""
+        return {"norms": len(self.swapped), "forwards": len(self.bound)}
+
+    def revert(self) -> None:
+        """Restore the original modules and forwards."""
+        for parent, name, original in reversed(self.swapped):
+            setattr(parent, name, original)
+        for module in self.bound:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("_swiftune_activation", None)
+        self.swapped.clear()
+        self.bound.clear()
+
+
+def patch_model(model: torch.nn.Module, spec: ArchitectureSpec | None = None) -> PatchHandle:
+    """Put swiftune's kernels into ``model`` where its architecture allows; returns the handle to undo it.
+
+    Args:
+        model: a transformers model (or a peft wrapper of one).
+        spec: the architecture; by default looked up from ``model.config.model_type``.
+
+    Raises:
+        ValueError: the architecture has no fast path (callers decide whether that is a warning).
+    """
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        spec = spec_for(model_type)
+        if spec is None:
+            raise ValueError(f"swiftune has no fast path for model_type={model_type!r}.")
+    handle = PatchHandle(spec=spec)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ in spec.norm_class_names:
+                handle.swapped.append((parent, name, child))
+                setattr(parent, name, _fast_norm(child, spec))
+    for module in model.modules():
+        class_name = type(module).__name__
+        if class_name in spec.attention_class_names and spec.rope == "rotate_half":
+            module.forward = types.MethodType(attention_forward, module)
+            handle.bound.append(module)
+        elif class_name in spec.mlp_class_names:
+            module._swiftune_activation = spec.activation
+            module.forward = types.MethodType(gated_mlp_forward, module)
+            handle.bound.append(module)
+    logger.info("swiftune fast path for %s: %s", spec.model_type, handle.counts)
+    return handle
+
+
+def _fast_norm(original: torch.nn.Module, spec: ArchitectureSpec) -> RMSNorm:
+    eps = getattr(original, "variance_epsilon", getattr(original, "eps", 1e-6))
+    weight = original.weight
+    fast = RMSNorm(weight.shape[0], eps=eps, offset=spec.norm_offset, casting=spec.norm_casting, device="meta")
+    # Share the Parameter itself: same storage, same name in the state_dict, same requires_grad.
+    fast.weight = weight
+    return fast

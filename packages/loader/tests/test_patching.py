@@ -1,0 +1,89 @@
+"""The fast path computes what plain transformers computes, forward and backward, and reverts cleanly."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from swiftune_kernels.modules import RMSNorm
+from swiftune_loader.architectures import SPECS
+from swiftune_loader.patching import patch_model
+
+SMALL = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+
+
+def _model(model_type, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[model_type](**SMALL), dtype=dtype)
+    # Norm weights away from 1, so that a norm that ignored its weight would be caught.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _loss_and_grads(model, ids, position_ids=None):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids, position_ids=position_ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_patched_model_matches_plain_transformers(model_type):
+    plain, fast = _model(model_type), _model(model_type)
+    handle = patch_model(fast)
+    # Every norm and every attention and MLP module went through the engine.
+    layers = SMALL["num_hidden_layers"]
+    assert handle.counts == {"norms": 2 * layers + 1, "forwards": 2 * layers}
+    ids = torch.randint(1, SMALL["vocab_size"], (2, 13))
+    # Packed sequences: positions restart inside the row.
+    position_ids = torch.tensor([list(range(6)) + list(range(7))] * 2)
+    for positions in (None, position_ids):
+        ref_logits, ref_grads = _loss_and_grads(plain, ids, positions)
+        logits, grads = _loss_and_grads(fast, ids, positions)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        assert grads.keys() == ref_grads.keys()
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_revert_restores_modules_and_forwards():
+    model = _model("llama")
+    norm_before = model.model.norm
+    handle = patch_model(model)
+    assert isinstance(model.model.norm, RMSNorm) and model.model.norm.weight is norm_before.weight
+    assert "forward" in model.model.layers[0].mlp.__dict__
+    handle.revert()
+    assert model.model.norm is norm_before
+    assert "forward" not in model.model.layers[0].mlp.__dict__
+    assert "forward" not in model.model.layers[0].self_attn.__dict__
+
+
+def test_state_dict_keys_are_unchanged_by_patching():
+    model = _model("llama")
+    keys = set(model.state_dict())
+    patch_model(model)
+    assert set(model.state_dict()) == keys
+
+
+def test_unknown_architecture_is_refused():
+    model = _model("llama")
+    model.config.model_type = "unknown-arch"
+    with pytest.raises(ValueError, match="no fast path for model_type='unknown-arch'"):
+        patch_model(model)
+
+
+def test_every_spec_names_its_own_model_type():
+    assert all(key == spec.model_type for key, spec in SPECS.items())
