@@ -12,9 +12,16 @@ def _masked_labels(tokenizer, text):
     return [-100 if i == tokenizer.pad_token_id else i for i in ids]
 
 
-def test_pad_equal_to_eos_reuses_a_reserved_token_and_updates_the_model(repair_log):
+@pytest.mark.parametrize(
+    ("reserved", "chosen"),
+    [
+        (["<|reserved_special_token_0|>", "<|finetune_right_pad_id|>"], "<|finetune_right_pad_id|>"),
+        (["<|reserved_special_token_0|>", "<|reserved_special_token_1|>"], "<|reserved_special_token_1|>"),
+    ],
+)
+def test_pad_equal_to_eos_reuses_a_reserved_token_and_updates_the_model(repair_log, reserved, chosen):
     tokenizer = build_chat_tokenizer(pad_token=None)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|finetune_right_pad_id|>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": reserved})
     tokenizer.pad_token = tokenizer.eos_token
     model = build_tiny_llama(tokenizer)
     size = len(tokenizer)
@@ -23,7 +30,7 @@ def test_pad_equal_to_eos_reuses_a_reserved_token_and_updates_the_model(repair_l
     repair = fix_pad_token(tokenizer, model)
 
     assert repair.kind == "pad_token" and "equal to EOS" in repair.found
-    assert tokenizer.pad_token == "<|finetune_right_pad_id|>" and len(tokenizer) == size
+    assert tokenizer.pad_token == chosen and len(tokenizer) == size
     assert _masked_labels(tokenizer, "hi<|im_end|>")[-1] == tokenizer.eos_token_id
     assert model.config.pad_token_id == model.generation_config.pad_token_id == tokenizer.pad_token_id
     assert repair_log() == [str(repair)]

@@ -37,12 +37,14 @@ def test_eos_not_in_the_vocabulary_takes_the_model_configs_eos(tmp_path, repair_
 def test_eos_not_in_the_vocabulary_takes_the_token_that_ends_a_chat_turn(repair_log):
     tokenizer = build_chat_tokenizer()
     tokenizer.eos_token = "</s>"  # not in the vocabulary: it encodes as the unknown token
-    assert tokenizer.eos_token_id == tokenizer.unk_token_id
+    tokenizer.sep_token = "[SEP]"
+    assert tokenizer.eos_token_id == tokenizer.sep_token_id == tokenizer.unk_token_id
 
     repair = fix_special_tokens(tokenizer)
 
     assert "eos_token '</s>' not in the vocabulary" in repair.found and "chat template" in repair.did
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
+    assert "sep_token '[SEP]' not in the vocabulary" in repair.found and tokenizer.sep_token is None
     assert len(repair_log()) == 1
 
 

@@ -16,6 +16,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 # Public ops are exported below, one line per op file.
 # --- ops ---
+from swiftune_kernels.offloaded_checkpoint import (
+    OffloadedCheckpointFunction,
+    apply_offloaded_checkpointing,
+    offloaded_checkpoint,
+)
 from swiftune_kernels.cross_entropy import CrossEntropyFunction, cross_entropy
 from swiftune_kernels.fused_linear_cross_entropy import FusedLinearCrossEntropyFunction, fused_linear_cross_entropy
 from swiftune_kernels.gated_activation import GatedActivationFunction, gated_activation, geglu, swiglu
@@ -40,4 +45,7 @@ __all__ = [
     "cross_entropy",
     "FusedLinearCrossEntropyFunction",
     "fused_linear_cross_entropy",
+    "OffloadedCheckpointFunction",
+    "offloaded_checkpoint",
+    "apply_offloaded_checkpointing",
 ]

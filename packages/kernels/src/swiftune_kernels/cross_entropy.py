@@ -49,6 +49,8 @@ def _cross_entropy_fwd_kernel(
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    KEEP: tl.constexpr,
+    DROP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -76,12 +78,14 @@ def _cross_entropy_fwd_kernel(
     d = 0.0
     # Register double buffering: the next block's load is in flight while this block's max and sum reductions
     # (which synchronize the program's warps) run, so one program per SM still keeps DRAM busy.
-    x_next = tl.load(x_row + offs, mask=offs < n_cols, other=0.0)
+    # With COMPUTE_GRAD the row is read again by the gradient pass: ask L2 to keep it (evict_last) and to drop it
+    # once re-read and written (evict_first), so rows in flight on other SMs are not pushed out by finished ones.
+    x_next = tl.load(x_row + offs, mask=offs < n_cols, other=0.0, eviction_policy=KEEP)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offs
         mask = cols < n_cols
         x = x_next.to(tl.float32)
-        x_next = tl.load(x_row + BLOCK_V + cols, mask=BLOCK_V + cols < n_cols, other=0.0)
+        x_next = tl.load(x_row + BLOCK_V + cols, mask=BLOCK_V + cols < n_cols, other=0.0, eviction_policy=KEEP)
         c = _transform(x, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
         c = tl.where(mask, c, float("-inf"))
         m_new = tl.maximum(m, tl.max(c, 0))
@@ -99,14 +103,14 @@ def _cross_entropy_fwd_kernel(
         for i in range(0, num_blocks):
             cols = (num_blocks - 1 - i) * BLOCK_V + offs
             mask = cols < n_cols
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy=DROP).to(tl.float32)
             c = _transform(x, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
             p = tl.exp(c - lse)
             g = tl.where(cols == target_col, p - 1.0, p)
             if HAS_SOFTCAP:
                 t = c * inv_softcap
                 g = g * (1.0 - t * t)
-            tl.store(g_row + cols, g * w, mask=mask)
+            tl.store(g_row + cols, g * w, mask=mask, eviction_policy=DROP)
     tl.store(loss_ptr + row, lse - c_t)
 
 
@@ -148,6 +152,7 @@ def cross_entropy_forward(
     loss: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
+    l2_hints: bool = True,
 ) -> torch.Tensor:
     """Per-row loss (float32, 0 on ignored rows) of ``logits`` (N, V); writes d(sum_i weight_i * loss_i)/dlogits.
 
@@ -186,6 +191,8 @@ def cross_entropy_forward(
         HAS_LOGIT_SCALE=logit_scale is not None,
         HAS_SOFTCAP=softcap is not None,
         COMPUTE_GRAD=grad is not None,
+        KEEP="evict_last" if l2_hints and grad is not None else "",
+        DROP="evict_first" if l2_hints else "",
         BLOCK_V=block_v,
         num_warps=num_warps,
     )

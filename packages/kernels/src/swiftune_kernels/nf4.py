@@ -39,6 +39,7 @@ def _nf4_dequantize_kernel(
     BLOCK_COLS: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
     NESTED: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     blocks = pid.to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
@@ -57,7 +58,14 @@ def _nf4_dequantize_kernel(
     byte = tl.load(packed_ptr + (elem >> 1), mask=mask, other=0).to(tl.int32)
     index = tl.where((elem & 1) == 0, byte >> 4, byte & 15)  # element 2j is the high nibble of byte j
     value = tl.load(code_ptr + index, mask=mask, other=0.0)
-    tl.store(out_ptr + elem, value * absmax[:, None], mask=mask)
+    w = value * absmax[:, None]
+    if ROUND_BF16:
+        # round to nearest even by hand: Triton's interpreter truncates fp32 -> bf16, the GPU rounds; this gives
+        # the GPU's (and bitsandbytes') bits on both, so tests can ask for equality (the values are finite)
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        w = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    tl.store(out_ptr + elem, w, mask=mask)
 
 
 _TILE_ELEMENTS = 4096  # 16 outputs a thread at 8 warps: two 16-byte stores in bf16
@@ -86,7 +94,7 @@ def dequantize_nf4_forward(packed: torch.Tensor, quant_state, out_dtype: torch.d
     _nf4_dequantize_kernel[grid](
         packed.reshape(-1), quant_state.code.float(), absmax, code2, absmax2, offset, out, numel, n_blocks,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=per_program,
-        NESTED=bool(quant_state.nested), num_warps=8, enable_fp_fusion=False,
+        NESTED=bool(quant_state.nested), ROUND_BF16=out_dtype == torch.bfloat16, num_warps=8, enable_fp_fusion=False,
     )  # fmt: skip
     return out
 
@@ -141,7 +149,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out_dtype: torch.dtype | N
     Returns:
         weight: ``quant_state.shape`` (e.g. (out_features, in_features)), contiguous, in ``out_dtype``.
     """
-    out_dtype = quant_state.dtype if out_dtype is None else out_dtype
+    out_dtype = getattr(quant_state, "dtype", None) if out_dtype is None else out_dtype
     packed = _check(packed, quant_state, out_dtype)
     if use_triton(packed):
         return dequantize_nf4_forward(packed, quant_state, out_dtype)

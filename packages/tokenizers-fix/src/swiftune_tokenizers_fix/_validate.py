@@ -43,3 +43,10 @@ def require_model(model, caller: str) -> None:
 def embedding_rows(model) -> int:
     """Number of rows of the model's input embedding matrix (its usable token ids)."""
     return int(model.get_input_embeddings().weight.shape[0])
+
+
+def model_configs(model):
+    """The model's generation config (what ``generate`` reads, so listed first) and config, each with its name."""
+    if getattr(model, "generation_config", None) is not None:
+        yield "generation_config", model.generation_config
+    yield "config", model.config

@@ -31,7 +31,7 @@ def embedding_matrices(model) -> list[tuple[str, object]]:
     """The input embedding weight and, when it is a separate tensor, the output (lm_head) weight, with names."""
     matrices = [("input embeddings", model.get_input_embeddings().weight)]
     output = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    if False:
+    if output is not None and output.weight.data_ptr() != matrices[0][1].data_ptr():
         matrices.append(("lm_head", output.weight))
     return matrices
 

@@ -56,7 +56,8 @@ def load_tokenizer(path: str | os.PathLike, check_sentencepiece: bool = True, **
         raise FileNotFoundError(f"'{path}' is a file; pass the folder that holds tokenizer.json and its config.")
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise FileNotFoundError(f"'{path}' holds no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)}).")
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    kwargs.setdefault("local_files_only", True)  # a folder is all there is: never reach for the hub
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
             f"transformers loads '{path}' as the slow {type(tokenizer).__name__}; swiftune needs a fast tokenizer: "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from swiftune_tokenizers_fix._validate import embedding_rows, require_fast_tokenizer, require_model
+from swiftune_tokenizers_fix._validate import embedding_rows, model_configs, require_fast_tokenizer, require_model
 from swiftune_tokenizers_fix.chat_template import template_token_ids
 from swiftune_tokenizers_fix.report import Repair, report
 
@@ -64,7 +64,7 @@ def fix_pad_token(tokenizer, model=None) -> Repair | None:
             tokenizer.pad_token = token
         did.append(f"pad token is now {token!r} (id {tokenizer.pad_token_id}, {how})")
     if model is not None:
-        for name, config in _configs(model):
+        for name, config in model_configs(model):
             old = getattr(config, "pad_token_id", None)
             if old != tokenizer.pad_token_id:
                 config.pad_token_id = tokenizer.pad_token_id
@@ -97,15 +97,8 @@ def _choose_pad_token(tokenizer, vocab: dict[str, int], model) -> tuple[str, str
         if usable(token):
             return token, "reused a reserved, unused token"
     if tokenizer.unk_token is not None and usable(tokenizer.unk_token):
-        return tokenizer.unk_token, "reused the unknown token, which chat data does not contain"
+        return tokenizer.unk_token, "reused the unknown token, which the chat template does not use"
     token = NEW_PAD_TOKEN
     while token in vocab:
         token = f"<{token}>"
     return token, "added"
-
-
-def _configs(model):
-    """The model's config and generation config, each named as in the log line."""
-    yield "config", model.config
-    if getattr(model, "generation_config", None) is not None:
-        yield "generation_config", model.generation_config

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from swiftune_tokenizers_fix._validate import embedding_rows, require_fast_tokenizer, require_model
+from swiftune_tokenizers_fix._validate import embedding_rows, model_configs, require_fast_tokenizer, require_model
 from swiftune_tokenizers_fix.backend import drop_trailing_added_tokens
 from swiftune_tokenizers_fix.chat_template import end_of_turn_token
 from swiftune_tokenizers_fix.report import Repair, report
@@ -95,7 +95,7 @@ def _replacement(tokenizer, role: str, vocab: dict[str, int], model, limit: int 
         return isinstance(token_id, int) and token_id in by_id and (limit is None or token_id < limit)
 
     if model is not None:
-        for name, config in _configs(model):
+        for name, config in model_configs(model):
             ids = getattr(config, role + "_id", None)
             for token_id in ids if isinstance(ids, list | tuple) else [ids]:
                 if usable(token_id):
@@ -110,7 +110,7 @@ def _replacement(tokenizer, role: str, vocab: dict[str, int], model, limit: int 
 def _sync_model_configs(tokenizer, model, limit: int, found: list[str], did: list[str]) -> None:
     """Copy BOS into the model's configs, and make them stop generation on the tokenizer's EOS."""
     bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    for name, config in _configs(model):
+    for name, config in model_configs(model):
         old = getattr(config, "bos_token_id", None)
         if bos_id is not None and old != bos_id:
             found.append(f"model {name}.bos_token_id {old} while the tokenizer's BOS is id {bos_id}")
@@ -123,10 +123,3 @@ def _sync_model_configs(tokenizer, model, limit: int, found: list[str], did: lis
             # Keep the ids the model already stops on (a base model's end-of-document token stays useful).
             config.eos_token_id = [eos_id, *stops] if stops else eos_id
             did.append(f"{name}.eos_token_id -> {config.eos_token_id}")
-
-
-def _configs(model):
-    """The generation config first: it is what ``generate`` reads, so it is the better witness for EOS."""
-    if getattr(model, "generation_config", None) is not None:
-        yield "generation_config", model.generation_config
-    yield "config", model.config

@@ -3,8 +3,10 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from swiftune_train.arguments import sft_config
+from swiftune_train.fused_loss import fused_causal_lm_loss
 from swiftune_train.progress import ProgressPrinter
 from swiftune_train.sft_job import SFTJob, SFTResult, check_output_dir, run_sft_job, save_adapter
+from swiftune_train.trainer import SFTTrainer
 
 try:
     __version__ = version("swiftune-train")
@@ -13,10 +15,12 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "ProgressPrinter",
+    "SFTTrainer",
     "SFTJob",
     "SFTResult",
     "__version__",
     "check_output_dir",
+    "fused_causal_lm_loss",
     "run_sft_job",
     "save_adapter",
     "sft_config",

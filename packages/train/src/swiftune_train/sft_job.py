@@ -110,9 +110,9 @@ def run_sft_job(job: SFTJob, write=print) -> SFTResult:
         The :class:`SFTResult`.
     """
     from transformers import PrinterCallback
-    from trl import SFTTrainer
 
     from swiftune_data import bundled_dataset_path
+    from swiftune_train.trainer import SFTTrainer
 
     output_dir = check_output_dir(job.output_dir)
     dataset_path = job.dataset if job.dataset is not None else bundled_dataset_path("train")

@@ -1,0 +1,151 @@
+"""Fused LoRA projection ``y = x @ W.T + s * (x @ A.T) @ B.T`` with a hand-written backward (e.g. ``o_proj``).
+
+``W + s * B @ A`` is never formed: the adapter path costs two thin matmuls through the rank-r intermediate
+``xa = x @ A.T`` (saved for backward, T x r). The base weight is frozen: no gradient is computed for it, and a
+bitsandbytes 4-bit weight is dequantized on the fly (forward, and again in backward for dx) with the Triton NF4
+kernel, never kept. The backward computes only what autograd asks for among dx, dA and dB:
+
+    dxa = s * dy @ B          dB = s * dy.T @ xa          dA = dxa.T @ x          dx = dy @ W + dxa @ A
+
+The matmuls are torch's (cuBLAS on GPU); this file also holds the helpers that ``lora_qkv`` and ``lora_mlp`` share.
+Applies to peft LoRA layers with dropout 0, no bias and no DoRA; the caller keeps peft's layers otherwise.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from swiftune_kernels.dispatch import check_same_device, use_triton
+from swiftune_kernels.nf4 import dequantize_nf4
+from swiftune_kernels.reference import lora as _reference
+
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def materialize_weight(weight, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) base weight in ``dtype``: a dense weight as is, a 4-bit one dequantized by the NF4 kernel."""
+    return _reference.dense_weight(weight, dtype, dequantize=dequantize_nf4)
+
+
+def weight_shape(weight) -> tuple[int, ...]:
+    return tuple(weight.quant_state.shape) if _reference.is_quantized(weight) else tuple(weight.shape)
+
+
+def check_projection(prefix: str, x: torch.Tensor, weight, a: torch.Tensor, b: torch.Tensor, s, in_features: int):
+    """Raise a ValueError/TypeError a user can act on when one LoRA projection's arguments do not fit together.
+
+    ``prefix`` names the projection in messages: ``"gate_"`` gives ``gate_w``, ``gate_a``...; ``""`` gives ``w``.
+    """
+    quantized = _reference.is_quantized(weight)
+    if not quantized and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{prefix}w must be a tensor or a bitsandbytes 4-bit weight, got {type(weight).__name__}.")
+    shape = weight_shape(weight)
+    if len(shape) != 2 or shape[1] != in_features:
+        raise ValueError(f"{prefix}w must be (out_features, {in_features}), got {shape}.")
+    if not quantized:
+        if weight.dtype != x.dtype:
+            raise TypeError(f"{prefix}w is {weight.dtype} but x is {x.dtype}; cast x (or the base weight) to match.")
+        if weight.requires_grad:
+            raise ValueError(
+                f"{prefix}w requires grad, but the fused LoRA path trains only the adapters: freeze the base weight "
+                "(requires_grad_(False)) or use peft's layer."
+            )
+    for label, t in ((f"{prefix}a", a), (f"{prefix}b", b)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _X_DTYPES:
+            raise TypeError(f"{label} must be a float tensor, got {getattr(t, 'dtype', type(t).__name__)}.")
+    if a.dim() != 2 or a.shape[1] != in_features:
+        raise ValueError(f"{prefix}a must be (r, {in_features}) like peft's lora_A.weight, got {tuple(a.shape)}.")
+    if b.dim() != 2 or b.shape != (shape[0], a.shape[0]):
+        raise ValueError(f"{prefix}b must be ({shape[0]}, {a.shape[0]}) like peft's lora_B.weight, got {tuple(b.shape)}.")
+    if not isinstance(s, numbers.Real):
+        raise TypeError(f"{prefix}s must be a number (peft's scaling), got {type(s).__name__}.")
+    packed = weight.data if quantized else weight
+    check_same_device(x=x, **{f"{prefix}w": packed, f"{prefix}a": a, f"{prefix}b": b})
+
+
+def check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _X_DTYPES:
+        raise TypeError(f"x must be a float16, bfloat16, float32 or float64 tensor, got {getattr(x, 'dtype', x)}.")
+    if x.dim() < 1:
+        raise ValueError("x must have a feature dimension: (..., in_features).")
+
+
+def project_forward(x2, weight, a, b, s):
+    """``(x2 @ W.T + s * xa @ B.T, xa)`` for x2 (T, in) with a, b already in x2's dtype."""
+    w = materialize_weight(weight, x2.dtype)
+    y = torch.mm(x2, w.t())
+    del w  # a dequantized weight is freed before the next one is made
+    xa = torch.mm(x2, a.t())
+    y.addmm_(xa, b.t(), alpha=s)
+    return y, xa
+
+
+def project_backward(dy2, x2, xa, a, b, s, need_a, need_b, need_dxa):
+    """``(dA, dB, dxa)`` of one projection, each None when not needed; dy2 (T, out), x2 (T, in), xa (T, r)."""
+    dxa = torch.mm(dy2, b).mul_(s) if (need_a or need_dxa) else None
+    db = torch.mm(dy2.t(), xa).mul_(s) if need_b else None
+    da = torch.mm(dxa.t(), x2) if need_a else None
+    return da, db, dxa
+
+
+def accumulate_dx(dx, dy2, weight, dxa, a):
+    """``dx += dy2 @ W + dxa @ A`` (dx None: allocate); W is dequantized again here rather than kept from forward."""
+    w = materialize_weight(weight, dy2.dtype)
+    if dx is None:
+        dx = torch.mm(dy2, w)
+    else:
+        dx.addmm_(dy2, w)
+    del w
+    return dx.addmm_(dxa, a)
+
+
+def cast_grad(grad, dtype: torch.dtype):
+    """An adapter's gradient in the adapter's own dtype (the matmuls ran in x's dtype)."""
+    return None if grad is None else grad.to(dtype)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd of one LoRA projection; saves x and the (T, r) intermediate, never the (dequantized) base weight."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, weight, s):
+        x2 = x.reshape(-1, x.shape[-1])
+        a_, b_ = a.to(x.dtype), b.to(x.dtype)
+        y, xa = project_forward(x2, weight, a_, b_, s)
+        ctx.save_for_backward(x2, xa, a_, b_)
+        ctx.weight, ctx.s, ctx.x_shape = weight, s, x.shape
+        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, a_, b_ = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        da, db, dxa = project_backward(dy2, x2, xa, a_, b_, ctx.s, need_a, need_b, need_x)
+        dx = accumulate_dx(None, dy2, ctx.weight, dxa, a_).reshape(ctx.x_shape) if need_x else None
+        return dx, cast_grad(da, ctx.a_dtype), cast_grad(db, ctx.b_dtype), None, None
+
+
+
+def lora_linear(x: torch.Tensor, w, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """One LoRA projection ``x @ W.T + s * (x @ A.T) @ B.T`` (peft layout), gradients for x, A and B only.
+
+    Args:
+        x: (..., in_features), float16, bfloat16, float32 (or float64).
+        w: (out_features, in_features) frozen base weight in x's dtype, or a bitsandbytes 4-bit weight (an object
+            with ``.data``, the packed uint8, and ``.quant_state``, e.g. ``Linear4bit.weight``).
+        a: (r, in_features), peft's ``lora_A.weight``; cast to x's dtype for the matmuls, gradient in its own dtype.
+        b: (out_features, r), peft's ``lora_B.weight``.
+        s: peft's ``scaling`` (``lora_alpha / r``).
+
+    Returns:
+        y: (..., out_features) in x's dtype.
+    """
+    check_input(x)
+    check_projection("", x, w, a, b, s, x.shape[-1])
+    if use_triton(x):
+        return LoRALinearFunction.apply(x, a, b, w, float(s))
+    return _reference.lora_linear(x, w, a, b, s)

@@ -1,0 +1,192 @@
+"""Fused LoRA gated MLP ``down(act(gate(x)) * up(x))`` with a hand-written backward and in-place buffers.
+
+Each of gate, up and down is a LoRA projection ``x @ W.T + s * (x @ A.T) @ B.T`` (peft layout) over a frozen
+base weight, dense or bitsandbytes 4-bit (dequantized on the fly by the Triton NF4 kernel in forward and again in
+backward, one weight at a time, never kept). Forward saves x, the gate and up pre-activations (T x I each) and the
+three (T x r) adapter intermediates; h = act(gate) * up (the gated_activation kernel) is not kept.
+
+Backward, with dh = dy @ Wd + s_d * (dy @ Bd) @ Ad:
+
+1. one Triton pass (``_lora_mlp_act_bwd_kernel``) reads dh, gate and up and writes, IN PLACE, h over dh, dgate
+   over gate and dup over up: no (T x I) buffer is allocated beyond dh, where eager autograd keeps gate, act(gate),
+   up and h and allocates dgate, dup, dh. The saved gate and up are therefore consumed: a second backward through
+   the same graph (``retain_graph=True``) raises instead of returning wrong gradients.
+2. dA_d = (s_d dy @ Bd).T @ h; gate and up: dB = s dgate.T @ xa, dA = (s dgate @ B).T @ x; dx accumulates
+   dgate @ Wg + dup @ Wu + the two adapter terms in one buffer.
+
+float64 inputs (tests) run the same steps with the activation written in torch. Applies to peft LoRA layers with
+dropout 0, no bias and no DoRA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from swiftune_kernels.dispatch import use_triton
+from swiftune_kernels.gated_activation import _ACTIVATION_IDS, _activation_and_grad, gated_activation_forward
+from swiftune_kernels.lora_linear import (
+    accumulate_dx,
+    cast_grad,
+    check_input,
+    check_projection,
+    project_backward,
+    project_forward,
+)
+from swiftune_kernels.reference import lora as _reference
+from swiftune_kernels.reference.gated_activation import gated_activation as _reference_gated_activation
+
+
+@triton.jit
+def _lora_mlp_act_bwd_kernel(
+    dh_ptr,
+    gate_ptr,
+    up_ptr,
+    numel,
+    ACTIVATION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    # every element is read before it is overwritten by the same program, so the in-place stores are safe
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < numel
+    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    act, d_act = _activation_and_grad(g, ACTIVATION)
+    tl.store(dh_ptr + offs, act * u, mask=mask)  # h, for dA of down
+    tl.store(gate_ptr + offs, dh * u * d_act, mask=mask)  # dgate
+    tl.store(up_ptr + offs, dh * act, mask=mask)  # dup
+
+
+_BLOCK_SIZE = 1024  # 8 elements a thread at 4 warps: 16-byte accesses in bf16, as the gated_activation kernels
+_NUM_WARPS = 4
+
+
+def lora_mlp_act_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
+    """In place: dh <- act(gate) * up, gate <- dh * up * act'(gate), up <- dh * act(gate). Contiguous, same shape."""
+    assert dh.is_contiguous() and gate.is_contiguous() and up.is_contiguous()
+    assert dh.shape == gate.shape == up.shape and dh.dtype == gate.dtype == up.dtype
+    if dh.dtype == torch.float64:  # no Triton float64 path: the same math in torch, written into the same buffers
+        act, d_act = _reference.activation_and_grad(gate, activation)
+        dgate, dup, h = dh * up * d_act, dh * act, act * up
+        gate.copy_(dgate), up.copy_(dup), dh.copy_(h)
+        return
+    numel = dh.numel()
+    if numel == 0:
+        return
+    grid = (triton.cdiv(numel, _BLOCK_SIZE),)
+    _lora_mlp_act_bwd_kernel[grid](
+        dh, gate, up, numel, ACTIVATION=_ACTIVATION_IDS[activation], BLOCK_SIZE=_BLOCK_SIZE, num_warps=_NUM_WARPS
+    )
+
+
+def _act_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    if gate.dtype == torch.float64:
+        return _reference_gated_activation(gate, up, activation)
+    return gated_activation_forward(gate, up, activation)
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """Autograd of the LoRA gated MLP; saves x, gate, up and three (T, r) intermediates. Backward runs once."""
+
+    @staticmethod
+    def forward(ctx, x, g_a, g_b, u_a, u_b, d_a, d_b, g_w, u_w, d_w, g_s, u_s, d_s, activation):
+        x2 = x.reshape(-1, x.shape[-1])
+        cast = [t.to(x.dtype) for t in (g_a, g_b, u_a, u_b, d_a, d_b)]
+        gate, xa_g = project_forward(x2, g_w, cast[0], cast[1], g_s)
+        up, xa_u = project_forward(x2, u_w, cast[2], cast[3], u_s)
+        h = _act_forward(gate, up, activation)
+        y, ha = project_forward(h, d_w, cast[4], cast[5], d_s)
+        del h  # recomputed in backward from gate and up
+        ctx.save_for_backward(x2, gate, up, xa_g, xa_u, ha, *cast)
+        ctx.weights, ctx.scales, ctx.activation, ctx.x_shape = (g_w, u_w, d_w), (g_s, u_s, d_s), activation, x.shape
+        ctx.dtypes = tuple(t.dtype for t in (g_a, g_b, u_a, u_b, d_a, d_b))
+        ctx.consumed = False
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.consumed:
+            raise RuntimeError(
+                "lora_mlp's backward reuses its saved gate/up buffers in place and can run only once per forward; "
+                "run the forward again instead of backward with retain_graph=True."
+            )
+        ctx.consumed = True
+        x2, gate, up, xa_g, xa_u, ha, ga, gb, ua, ub, da_, db_ = ctx.saved_tensors
+        (g_w, u_w, d_w), (g_s, u_s, d_s) = ctx.weights, ctx.scales
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+
+        # down: dA_d needs h, which the in-place pass below writes over dh, so take dxa_d for dh first
+        grad_da, grad_db, dxa_d = project_backward(dy2, None, ha, da_, db_, d_s, False, need[6], True)
+        dh = accumulate_dx(None, dy2, d_w, dxa_d, da_)
+        lora_mlp_act_backward(dh, gate, up, ctx.activation)
+        h, dgate, dup = dh, gate, up
+        if need[5]:
+            grad_da = torch.mm(dxa_d.t(), h)
+        del h, dh
+
+        need_x = need[0]
+        ga_grad, gb_grad, dxa_g = project_backward(dgate, x2, xa_g, ga, gb, g_s, need[1], need[2], need_x)
+        ua_grad, ub_grad, dxa_u = project_backward(dup, x2, xa_u, ua, ub, u_s, need[3], need[4], need_x)
+        dx = None
+        if need_x:
+            dx = accumulate_dx(None, dgate, g_w, dxa_g, ga)
+            dx = accumulate_dx(dx, dup, u_w, dxa_u, ua).reshape(ctx.x_shape)
+        grads = (ga_grad, gb_grad, ua_grad, ub_grad, grad_da, grad_db)
+        grads = tuple(cast_grad(g, dtype) for g, dtype in zip(grads, ctx.dtypes))
+        return (dx, *grads, None, None, None, None, None, None, None)
+
+
+def lora_mlp(
+    x: torch.Tensor,
+    gate_w,
+    gate_a: torch.Tensor,
+    gate_b: torch.Tensor,
+    gate_s: float,
+    up_w,
+    up_a: torch.Tensor,
+    up_b: torch.Tensor,
+    up_s: float,
+    down_w,
+    down_a: torch.Tensor,
+    down_b: torch.Tensor,
+    down_s: float,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """LoRA gated MLP ``down(act(gate(x)) * up(x))`` (peft layout), gradients for x and the six adapters only.
+
+    Each projection p of gate, up, down is ``x @ Wp.T + sp * (x @ Ap.T) @ Bp.T``.
+
+    Args:
+        x: (..., hidden), float16, bfloat16, float32 (or float64).
+        gate_w: (intermediate, hidden) frozen base weight in x's dtype, or a bitsandbytes 4-bit weight (an object
+            with ``.data``, the packed uint8, and ``.quant_state``); ``up_w`` likewise, ``down_w``
+            (hidden, intermediate).
+        gate_a: (r, hidden), peft's ``lora_A.weight``; up_a (r, hidden), down_a (r, intermediate). Cast to x's
+            dtype for the matmuls; each gradient is returned in its adapter's dtype.
+        gate_b: (intermediate, r), peft's ``lora_B.weight``; up_b (intermediate, r), down_b (hidden, r).
+        gate_s: peft's ``scaling`` of gate_proj; up_s, down_s likewise.
+        activation: ``"silu"`` (SwiGLU: Llama, Mistral, Qwen), ``"gelu"`` (exact GeGLU) or ``"gelu_tanh"`` (Gemma).
+
+    Returns:
+        y: (..., hidden) in x's dtype.
+    """
+    if activation not in _ACTIVATION_IDS:
+        raise ValueError(f"activation must be one of {tuple(_ACTIVATION_IDS)}, got {activation!r}.")
+    check_input(x)
+    check_projection("gate_", x, gate_w, gate_a, gate_b, gate_s, x.shape[-1])
+    intermediate = gate_b.shape[0]
+    check_projection("up_", x, up_w, up_a, up_b, up_s, x.shape[-1])
+    if up_b.shape[0] != intermediate:
+        raise ValueError(f"gate_w and up_w must have the same out_features, got {intermediate} and {up_b.shape[0]}.")
+    check_projection("down_", x, down_w, down_a, down_b, down_s, intermediate)
+    if use_triton(x):
+        return LoRAMLPFunction.apply(
+            x, gate_a, gate_b, up_a, up_b, down_a, down_b, gate_w, up_w, down_w,
+            float(gate_s), float(up_s), float(down_s), activation,
+        )  # fmt: skip
+    return _reference.lora_mlp(
+        x, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b, down_s, activation
+    )

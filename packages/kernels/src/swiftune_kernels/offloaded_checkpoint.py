@@ -1,0 +1,478 @@
+"""Gradient checkpointing whose saved layer inputs wait in pinned CPU memory until backward needs them.
+
+Plain checkpointing keeps one tensor per decoder layer on the GPU (the layer's input, ``batch x seq x hidden``)
+and recomputes the layer in backward. At long sequences these inputs add up (32 layers x 128k tokens x 4096 x
+bf16 = 32 GiB), so here each input is copied to pinned CPU memory on a side stream during forward, the GPU copy
+is released, and in backward the copy for layer ``i - 1`` starts when the backward of layer ``i`` starts, so it
+overlaps that layer's recompute. At short sequences the copies buy little memory, and :func:`checkpoint_policy`
+picks plain recomputation instead.
+
+No Triton kernel: this is stream and autograd plumbing. On the CPU the "offload" is a plain copy (same ownership
+semantics, so the tests prove the logic there); the CUDA copies are proven by the tests when they run on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+# Offload a layer input when it holds at least this many elements (batch x seq x hidden). A GUESS until
+# benchmarks/bench_offloaded_checkpoint.py has run on an H100: 2048 tokens at hidden 4096 (16 MiB in bf16 per
+# layer), below which the per-layer copies and events cost more than the memory they free is worth. The benchmark
+# prints the measured crossover as ``recommended_min_elements``.
+OFFLOAD_MIN_ELEMENTS = 2048 * 4096
+POLICIES = ("auto", "offload", "recompute")
+# Keyword arguments through which transformers layers write a KV cache: a recompute would write it twice.
+_CACHE_KWARGS = {"use_cache": False, "past_key_values": None, "past_key_value": None, "layer_past": None}
+
+
+def checkpoint_policy(
+    seq_len: int,
+    hidden_size: int,
+    batch_size: int = 1,
+    device: torch.device | str = "cuda",
+    min_elements: int | None = None,
+) -> Literal["offload", "recompute"]:
+    """Choose between offloaded and plain checkpointing for one layer input.
+
+    The copy to the host and back is ~10x cheaper than a layer's recompute plus backward at Llama-8B shapes, so
+    it hides behind compute at any length; what decides is whether the freed memory is worth the fixed cost per
+    layer (pinned buffer, two events, two stream waits). That is a size threshold, measured on the GPU.
+
+    Args:
+        seq_len: tokens per sequence.
+        hidden_size: size of the hidden dimension.
+        batch_size: sequences per batch.
+        device: where the layer runs; only CUDA offloads (on the CPU there is nothing to free).
+        min_elements: threshold in elements, default :data:`OFFLOAD_MIN_ELEMENTS`.
+
+    Returns:
+        "offload" when ``batch_size * seq_len * hidden_size >= min_elements`` on CUDA, else "recompute".
+    """
+    for name, value in (("seq_len", seq_len), ("hidden_size", hidden_size), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    threshold = OFFLOAD_MIN_ELEMENTS if min_elements is None else min_elements
+    if torch.device(device).type != "cuda":
+        return "recompute"
+    return "offload" if batch_size * seq_len * hidden_size >= threshold else "recompute"
+
+
+# --- nested arguments and outputs: tensors out, a spec with numbered slots left behind --------------------------
+
+
+class _Slot:
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _flatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """Append the tensors inside tuples, lists and dicts of ``obj`` to ``tensors``; return ``obj`` with slots."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _Slot(len(tensors) - 1)
+    if isinstance(obj, (tuple, list)):
+        return _rebuild(obj, [_flatten(item, tensors) for item in obj])
+    if type(obj) is dict:
+        return {key: _flatten(value, tensors) for key, value in obj.items()}
+    return obj
+
+
+def _fill(spec: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(spec, _Slot):
+        return tensors[spec.index]
+    if isinstance(spec, (tuple, list)):
+        return _rebuild(spec, [_fill(item, tensors) for item in spec])
+    if type(spec) is dict:
+        return {key: _fill(value, tensors) for key, value in spec.items()}
+    return spec
+
+
+def _rebuild(like: tuple | list, items: list) -> tuple | list:
+    if isinstance(like, tuple) and hasattr(like, "_fields"):  # namedtuple
+        return type(like)(*items)
+    return type(like)(items)
+
+
+# --- the host copy of one layer input, and the registry that orders prefetches ----------------------------------
+
+_LOCK = threading.Lock()
+# Host copies not yet fetched back, in forward order. Weak, so a graph freed without backward leaks nothing.
+_PENDING: list[weakref.ref[_HostCopy]] = []
+_STREAMS: dict[tuple[int, str], torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
+    # One stream per direction: an early backward upload need not queue behind the last forward download.
+    key = (device.index if device.index is not None else torch.cuda.current_device(), direction)
+    with _LOCK:
+        if key not in _STREAMS:
+            _STREAMS[key] = torch.cuda.Stream(device=key[0])
+        return _STREAMS[key]
+
+
+class _HostCopy:
+    """One layer input parked in pinned CPU memory, with the events that order its download and upload."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.device = tensor.device
+        self.stored: torch.cuda.Event | None = None
+        self.restored: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+        if tensor.is_cuda:
+            main = torch.cuda.current_stream(self.device)
+            download = _side_stream(self.device, "d2h")
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            download.wait_stream(main)  # the kernel that produced the input may still be running
+            with torch.cuda.stream(download):
+                self.host.copy_(tensor, non_blocking=True)
+            # The caller drops the input next; its block must not be handed out again before the copy has read it.
+            tensor.record_stream(download)
+            self.stored = torch.cuda.Event()
+            self.stored.record(download)
+        else:
+            # CPU: a plain copy, so that the input is released exactly as on the GPU and the tests see it.
+            self.host = tensor.detach().clone(memory_format=torch.contiguous_format)
+        with _LOCK:
+            _PENDING[:] = [ref for ref in _PENDING if ref() is not None]
+            _PENDING.append(weakref.ref(self))
+
+    def prefetch(self) -> None:
+        """Start the upload (idempotent); the backward of the next-later layer calls this for us."""
+        if self.restored is not None or self.host is None:
+            return
+        if self.stored is None:
+            self.restored = self.host
+            return
+        main = torch.cuda.current_stream(self.device)
+        upload = _side_stream(self.device, "h2d")
+        # Allocated on the main stream, so the block may still be read by queued main-stream kernels: wait for them.
+        self.restored = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        upload.wait_stream(main)
+        upload.wait_event(self.stored)
+        with torch.cuda.stream(upload):
+            self.restored.copy_(self.host, non_blocking=True)
+        # If the graph is dropped before fetch, the block must outlive the pending copy.
+        self.restored.record_stream(upload)
+        self.ready = torch.cuda.Event()
+        self.ready.record(upload)
+
+    def fetch(self) -> torch.Tensor:
+        """Return the input on its device (usable on the current stream) and prefetch the previous layer's."""
+        self.prefetch()
+        previous = None
+        with _LOCK:
+            live = [ref for ref in _PENDING if ref() is not None]
+            position = next((i for i, ref in enumerate(live) if ref() is self), None)
+            if position is not None:
+                for ref in reversed(live[:position]):
+                    if (candidate := ref()) is not None and candidate.device == self.device:
+                        previous = candidate
+                        break
+                del live[position]
+            _PENDING[:] = live
+        if previous is not None:
+            previous.prefetch()
+        if self.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+        tensor, self.restored, self.host = self.restored, None, None
+        return tensor
+
+
+# --- autograd -------------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """What forward and backward share that is not a tensor: the function, argument structure, options."""
+
+    def __init__(self, run_function, spec, num_arg_tensors, params, offload, preserve_rng_state) -> None:
+        self.run_function = run_function
+        self.spec = spec  # (args, kwargs) with _Slot in place of tensors
+        self.num_arg_tensors = num_arg_tensors
+        self.params = params  # the layer's trainable parameters, or None when layer_fn is not a module's
+        self.offload = offload
+        self.preserve_rng_state = preserve_rng_state
+        self.output_spec = None
+
+    def run(self, hidden_states: torch.Tensor, arg_tensors) -> tuple[Any, list[torch.Tensor]]:
+        args, kwargs = _fill(self.spec, list(arg_tensors))
+        outputs = self.run_function(hidden_states, *args, **kwargs)
+        out_tensors: list[torch.Tensor] = []
+        return _flatten(outputs, out_tensors), out_tensors
+
+
+def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype, bool]]:
+    cache = torch.is_autocast_cache_enabled()
+    return [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t), cache) for t in sorted({"cpu", device_type})]
+
+
+class OffloadedCheckpointFunction(torch.autograd.Function):
+    """Run a layer without saving its activations; keep its input on the host; recompute it in backward.
+
+    Inputs: the :class:`_Plan`, the hidden states, the tensors found in the other arguments, then the layer's
+    trainable parameters (as inputs so that the output requires grad even when no input does, e.g. LoRA over
+    frozen embeddings, and so that their gradients come back through the ordinary engine).
+    """
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, hidden_states: torch.Tensor, *tensors: torch.Tensor):
+        ctx.plan = plan
+        ctx.set_materialize_grads(False)
+        device = hidden_states.device
+        if plan.preserve_rng_state:
+            ctx.cpu_rng = torch.get_rng_state()
+            ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        ctx.autocast = _autocast_state(device.type)
+        arg_tensors = tensors[: plan.num_arg_tensors]
+        if plan.offload:
+            ctx.host_copy = _HostCopy(hidden_states)
+            ctx.save_for_backward(*arg_tensors)
+        else:
+            ctx.host_copy = None
+            ctx.save_for_backward(hidden_states, *arg_tensors)
+        plan.output_spec, out_tensors = plan.run(hidden_states, arg_tensors)
+        if not out_tensors:
+            raise TypeError("layer_fn returned no tensor; offloaded_checkpoint needs a tensor output to backprop.")
+        return tuple(out_tensors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outputs):
+        plan = ctx.plan
+        saved = list(ctx.saved_tensors)
+        if plan.offload:
+            if ctx.host_copy is None:
+                raise RuntimeError(
+                    "backward ran twice through an offloaded checkpoint (retain_graph=True); its host copy is freed "
+                    "after the first backward. Use offload=False (policy='recompute') for repeated backward passes."
+                )
+            # Freed here, not with the graph: the caller's `loss` keeps the graph alive into the next step.
+            hidden_states, ctx.host_copy = ctx.host_copy.fetch(), None
+        else:
+            hidden_states = saved.pop(0)
+        needs = ctx.needs_input_grad[1:]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip([hidden_states, *saved], needs)]
+        device = hidden_states.device
+        cuda_devices = [device] if plan.preserve_rng_state and device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices, enabled=plan.preserve_rng_state):
+            if plan.preserve_rng_state:
+                torch.set_rng_state(ctx.cpu_rng)
+                if ctx.cuda_rng is not None:
+                    torch.cuda.set_rng_state(ctx.cuda_rng, device)
+            with torch.enable_grad(), contextlib.ExitStack() as stack:
+                for device_type, enabled, dtype, cache in ctx.autocast:
+                    stack.enter_context(
+                        torch.autocast(device_type=device_type, enabled=enabled, dtype=dtype, cache_enabled=cache)
+                    )
+                _, out_tensors = plan.run(inputs[0], inputs[1:])
+        if len(out_tensors) != len(grad_outputs):
+            raise RuntimeError(
+                f"layer_fn returned {len(out_tensors)} tensors when recomputed but {len(grad_outputs)} in forward; "
+                "a checkpointed layer must return the same structure every time."
+            )
+        pairs = [(o, g) for o, g in zip(out_tensors, grad_outputs) if g is not None and o.requires_grad]
+        outputs, grads = [o for o, _ in pairs], [g for _, g in pairs]
+        num_inputs = len(inputs)
+        if plan.params is not None:
+            wrt = [t for t, need in zip([*inputs, *plan.params], needs) if need]
+            found = iter(torch.autograd.grad(outputs, wrt, grads, allow_unused=True) if outputs else [None] * len(wrt))
+            result = [next(found) if need else None for need in needs]
+        else:
+            # layer_fn may close over parameters we cannot see: accumulate into every leaf, as reentrant
+            # torch.utils.checkpoint does, and read the inputs' gradients off their detached copies.
+            if outputs:
+                torch.autograd.backward(outputs, grads)
+            result = [t.grad if need else None for t, need in zip(inputs, needs[:num_inputs])]
+            result += [None] * (len(needs) - num_inputs)
+        return (None, *result)
+
+
+def _layer_parameters(layer_fn: Callable) -> list[nn.Parameter] | None:
+    owner = layer_fn
+    while hasattr(owner, "func") and not isinstance(owner, nn.Module):  # functools.partial
+        owner = owner.func
+    owner = owner if isinstance(owner, nn.Module) else getattr(owner, "__self__", None)
+    if not isinstance(owner, nn.Module):
+        return None
+    return [p for p in owner.parameters() if p.requires_grad]
+
+
+def offloaded_checkpoint(
+    layer_fn: Callable,
+    hidden_states: torch.Tensor,
+    *args: Any,
+    offload: bool | None = None,
+    preserve_rng_state: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """Run ``layer_fn(hidden_states, *args, **kwargs)`` with gradient checkpointing, its input parked on the host.
+
+    Forward runs the layer without keeping activations and, when offloading, copies ``hidden_states`` to pinned
+    CPU memory on a side stream and keeps no reference to the GPU tensor (drop yours, as a decoder loop does).
+    Backward brings it back (the previous layer's copy is started at the same time), recomputes the layer with
+    the forward's RNG and autocast state, and returns gradients for ``hidden_states``, for every tensor in
+    ``args``/``kwargs`` (inside tuples, lists and dicts too) that requires grad, and for the layer's parameters.
+
+    Parameters are known when ``layer_fn`` is an ``nn.Module``, its bound method, or a ``functools.partial`` of
+    one; their gradients flow even when no input requires grad (LoRA on frozen embeddings). Any other callable
+    gets its closed-over parameters' gradients accumulated into ``.grad`` during backward, as reentrant
+    ``torch.utils.checkpoint`` does, provided some input requires grad (else it runs unchanged, without
+    checkpointing). Without grad mode, or with nothing to differentiate, the layer just runs.
+    Do not modify ``hidden_states`` in place after the call: the copy to the host may still be reading it.
+
+    Args:
+        layer_fn: the layer; called twice (forward, recompute), so it must not have side effects such as
+            writing a KV cache.
+        hidden_states: (..., hidden) floating tensor, the input that is offloaded.
+        *args: further arguments for ``layer_fn``; tensors among them stay where they are (masks, RoPE tables
+            are shared by all layers).
+        offload: True to offload, False for plain checkpointing, None to ask :func:`checkpoint_policy`.
+        preserve_rng_state: restore the RNG state for the recompute so that dropout masks match.
+        **kwargs: keyword arguments for ``layer_fn``.
+
+    Returns:
+        What ``layer_fn`` returns (a tensor, or tuples/lists/dicts holding tensors and other values).
+    """
+    if not callable(layer_fn):
+        raise TypeError(f"layer_fn must be callable (a module or function), got {type(layer_fn).__name__}.")
+    if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
+        got = hidden_states.dtype if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
+        raise TypeError(f"hidden_states must be a floating-point tensor, got {got}.")
+    params = _layer_parameters(layer_fn)
+    arg_tensors: list[torch.Tensor] = []
+    spec = _flatten((args, kwargs), arg_tensors)
+    wants_grad = hidden_states.requires_grad or any(t.requires_grad for t in arg_tensors) or bool(params)
+    if not torch.is_grad_enabled() or not wants_grad:
+        return layer_fn(hidden_states, *args, **kwargs)
+    if offload is None:
+        shape = hidden_states.shape
+        seq_len = shape[-2] if hidden_states.dim() >= 2 else 1
+        batch = max(1, hidden_states.numel() // max(1, seq_len * shape[-1]))
+        offload = checkpoint_policy(max(1, seq_len), max(1, shape[-1]), batch, hidden_states.device) == "offload"
+    plan = _Plan(layer_fn, spec, len(arg_tensors), params, bool(offload), preserve_rng_state)
+    out_tensors = OffloadedCheckpointFunction.apply(plan, hidden_states, *arg_tensors, *(params or []))
+    return _fill(plan.output_spec, list(out_tensors))
+
+
+# --- wrapping decoder layers ---------------------------------------------------------------------------------
+
+
+class _CheckpointedForward:
+    """Stands in for ``module.forward`` (an instance attribute): checkpoints the original bound forward."""
+
+    def __init__(self, module: nn.Module, forward: Callable, policy: str, preserve_rng_state: bool) -> None:
+        self.module_name = type(module).__name__
+        self.forward = forward
+        self.offload = {"auto": None, "offload": True, "recompute": False}[policy]
+        self.preserve_rng_state = preserve_rng_state
+        self.trainable = lambda: any(p.requires_grad for p in module.parameters())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            hidden_states, args = args[0], args[1:]
+        elif "hidden_states" in kwargs:
+            hidden_states = kwargs.pop("hidden_states")
+        else:
+            raise TypeError(f"{self.module_name} was called without hidden_states (first positional argument).")
+        if not torch.is_grad_enabled():
+            return self.forward(hidden_states, *args, **kwargs)
+        if isinstance(hidden_states, torch.Tensor) and (hidden_states.requires_grad or self.trainable()):
+            dropped = [k for k in _CACHE_KWARGS if kwargs.get(k) is not None and kwargs.get(k) is not False]
+            if dropped:
+                warnings.warn(
+                    f"{self.module_name}: a KV cache cannot be written under checkpointing (the recompute would "
+                    f"write it twice); setting {', '.join(dropped)} off for training.",
+                    stacklevel=2,
+                )
+                kwargs.update({k: _CACHE_KWARGS[k] for k in dropped})
+        return offloaded_checkpoint(
+            self.forward,
+            hidden_states,
+            *args,
+            offload=self.offload,
+            preserve_rng_state=self.preserve_rng_state,
+            **kwargs,
+        )
+
+
+class OffloadedCheckpointingHandle:
+    """Returned by :func:`apply_offloaded_checkpointing`; ``revert()`` puts every layer's forward back."""
+
+    def __init__(self, entries: list[tuple[nn.Module, _CheckpointedForward, Any]]) -> None:
+        self._entries = entries
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return [module for module, _, _ in self._entries]
+
+    def revert(self) -> None:
+        for module, wrapper, previous in reversed(self._entries):
+            if module.__dict__.get("forward") is not wrapper:
+                raise RuntimeError(
+                    f"{type(module).__name__}.forward was replaced after offloaded checkpointing was applied; "
+                    "revert the later patch first (patches must be undone in reverse order)."
+                )
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._entries = []
+
+    def __enter__(self) -> OffloadedCheckpointingHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+
+def apply_offloaded_checkpointing(
+    model_layers: Iterable[nn.Module],
+    policy: str = "auto",
+    preserve_rng_state: bool = True,
+) -> OffloadedCheckpointingHandle:
+    """Checkpoint every layer of ``model_layers`` (e.g. ``model.model.layers``), offloading inputs where it pays.
+
+    Each layer's ``forward`` is replaced by an instance attribute that calls :func:`offloaded_checkpoint` on the
+    original bound forward, so module hooks (PEFT, accelerate, FSDP) stay outside the checkpoint and run once. The
+    layer's first positional argument (or ``hidden_states=``) is the offloaded input; it may return a tensor or a
+    tuple. Under checkpointing a KV cache is switched off for the call (as transformers does), with a warning.
+
+    Args:
+        model_layers: decoder layers, in the order the model calls them.
+        policy: "auto" (:func:`checkpoint_policy` per call, from the input's shape), "offload" or "recompute".
+        preserve_rng_state: restore the RNG state for each recompute so that dropout masks match.
+
+    Returns:
+        A handle whose ``revert()`` restores every original forward.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
+    if isinstance(model_layers, nn.Module) and not isinstance(model_layers, (nn.ModuleList, nn.Sequential)):
+        model_layers = [model_layers]
+    layers = list(model_layers)
+    for layer in layers:
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"model_layers must hold nn.Module layers, got {type(layer).__name__}.")
+        if isinstance(layer.__dict__.get("forward"), _CheckpointedForward):
+            raise ValueError(f"{type(layer).__name__} already has offloaded checkpointing; revert its handle first.")
+        if getattr(layer, "gradient_checkpointing", False) is True:
+            raise ValueError(
+                f"{type(layer).__name__} has transformers' gradient checkpointing on; call "
+                "model.gradient_checkpointing_disable() first (offloaded checkpointing replaces it)."
+            )
+    entries = []
+    for layer in layers:
+        previous = layer.__dict__.get("forward")  # accelerate and others set an instance forward too
+        wrapper = _CheckpointedForward(layer, layer.forward, policy, preserve_rng_state)
+        layer.forward = wrapper
+        entries.append((layer, wrapper, previous))
+    return OffloadedCheckpointingHandle(entries)

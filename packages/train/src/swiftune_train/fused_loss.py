@@ -1,0 +1,60 @@
+"""The causal-LM loss computed from hidden states with swiftune's fused linear cross-entropy: no full logits."""
+
+from __future__ import annotations
+
+import torch
+
+from swiftune_kernels import fused_linear_cross_entropy
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The decoder and the lm_head of a causal LM (through a peft wrapper), when the fused loss can apply.
+
+    Returns None when it cannot: no decoder/lm_head pair, or an lm_head that peft wraps (LoRA on the lm_head or
+    modules_to_save), whose output is not ``hidden @ weight.T``.
+    """
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    decoder = getattr(base, "model", None)
+    lm_head = getattr(base, "lm_head", None)
+    if decoder is None or not isinstance(lm_head, torch.nn.Linear) or type(lm_head) is not torch.nn.Linear:
+        return None
+    return decoder, lm_head
+
+
+def fused_causal_lm_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy of ``model`` on ``inputs`` without materializing the (tokens, vocab) logits.
+
+    Labels are shifted by one as transformers does: the hidden state at position t predicts the label at t + 1.
+    With ``num_items_in_batch`` (the count of target tokens over all gradient accumulation steps) the summed
+    loss is divided by it, so accumulated gradients equal those of one large batch exactly.
+
+    Args:
+        model: a causal LM, or a peft model wrapping one.
+        inputs: a batch with ``input_ids`` and ``labels`` (and optionally ``attention_mask``, ``position_ids``).
+        num_items_in_batch: the global target-token count, or None to average over this batch's targets.
+
+    Raises:
+        ValueError: the model has no plain lm_head (see :func:`causal_lm_parts`).
+    """
+    parts = causal_lm_parts(model)
+    if parts is None:
+        raise ValueError("The fused loss needs a causal LM with a plain nn.Linear lm_head.")
+    decoder, lm_head = parts
+    labels = inputs["labels"]
+    decoder_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+    decoder_inputs["use_cache"] = False
+    hidden = decoder(**decoder_inputs).last_hidden_state
+    config = getattr(model, "config", None)
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        lm_head.weight,
+        targets.reshape(-1),
+        lm_head.bias,
+        ignore_index=IGNORE_INDEX,
+        logit_scale=getattr(config, "logit_scale", None),
+        softcap=getattr(config, "final_logit_softcapping", None),
+        num_items_in_batch=num_items_in_batch,
+    )
