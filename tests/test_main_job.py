@@ -11,9 +11,27 @@ from swiftune_cli.main import main
 
 def test_train_then_export_gives_a_model_plain_transformers_loads(tiny_model_dir, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(tiny_dataset), "--output-dir", str(out),
-               "--max-steps", "12", "--batch-size", "4", "--learning-rate", "2e-2", "--max-seq-length", "64",
-               "--question", "Who founded Quillhaven?"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(tiny_dataset),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "12",
+            "--batch-size",
+            "4",
+            "--learning-rate",
+            "2e-2",
+            "--max-seq-length",
+            "64",
+            "--question",
+            "Who founded Quillhaven?",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "step 12/12" in printed and "before:" in printed and "after:" in printed
@@ -36,7 +54,11 @@ def test_train_then_export_gives_a_model_plain_transformers_loads(tiny_model_dir
     assert not torch.allclose(merged_logits, base_logits, atol=1e-3)
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Who founded Quillhaven?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who founded Quillhaven?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     generated = merged_model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]

@@ -69,7 +69,7 @@ def _assert_same(got, want, exact):
     torch.testing.assert_close(y, y0, **kwargs)
     torch.testing.assert_close(dx, dx0, **kwargs)
     assert len(dps) == len(dps0) and all(g is not None for g in dps)
-    for g, g0 in zip(dps, dps0):
+    for g, g0 in zip(dps, dps0, strict=True):
         torch.testing.assert_close(g, g0, **kwargs)
 
 
@@ -129,7 +129,7 @@ def test_tensor_arguments_get_gradients(mode, device):
     want = grads(False)
     layers.zero_grad(set_to_none=True)
     got = grads(True)
-    for g, g0 in zip(got, want):
+    for g, g0 in zip(got, want, strict=True):
         torch.testing.assert_close(g, g0, atol=0, rtol=0)
 
 
@@ -166,7 +166,7 @@ def test_tuple_output(mode, device):
     want = grads()
     with apply_offloaded_checkpointing(layers, policy=mode):
         got = grads()
-    for g, g0 in zip(got, want):
+    for g, g0 in zip(got, want, strict=True):
         torch.testing.assert_close(g, g0, atol=0, rtol=0)
 
 
@@ -185,7 +185,7 @@ def test_frozen_layer_input_without_grad_still_trains_parameters():
     want = grads()
     with apply_offloaded_checkpointing(layers, policy="offload"):
         got = grads()
-    for g, g0 in zip(got, want):
+    for g, g0 in zip(got, want, strict=True):
         assert (g is None) == (g0 is None)
         if g is not None:
             torch.testing.assert_close(g, g0, atol=0, rtol=0)
@@ -321,17 +321,23 @@ def test_offload_releases_the_input_and_recompute_keeps_it():
 
 
 def test_backward_prefetches_the_previous_layer_first(monkeypatch):
-    log = []
-    prefetch, fetch = op._HostCopy.prefetch, op._HostCopy.fetch
-    order = {}
-    monkeypatch.setattr(op._HostCopy, "prefetch", lambda self: (log.append(("prefetch", order[id(self)])), prefetch(self))[1])
-    monkeypatch.setattr(op._HostCopy, "fetch", lambda self: (log.append(("fetch", order[id(self)])), fetch(self))[1])
-    init = op._HostCopy.__init__
+    log, order = [], {}
+    init, prefetch, fetch = op._HostCopy.__init__, op._HostCopy.prefetch, op._HostCopy.fetch
 
     def numbered_init(self, tensor):
         init(self, tensor)
         order[id(self)] = len(order)
 
+    def logged_prefetch(self):
+        log.append(("prefetch", order[id(self)]))
+        prefetch(self)
+
+    def logged_fetch(self):
+        log.append(("fetch", order[id(self)]))
+        return fetch(self)
+
+    monkeypatch.setattr(op._HostCopy, "prefetch", logged_prefetch)
+    monkeypatch.setattr(op._HostCopy, "fetch", logged_fetch)
     monkeypatch.setattr(op._HostCopy, "__init__", numbered_init)
     layers = _stack(layers=3)
     with apply_offloaded_checkpointing(layers, policy="offload"):

@@ -16,15 +16,15 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 # Public ops are exported below, one line per op file.
 # --- ops ---
+from swiftune_kernels.cross_entropy import CrossEntropyFunction, cross_entropy
+from swiftune_kernels.fused_linear_cross_entropy import FusedLinearCrossEntropyFunction, fused_linear_cross_entropy
+from swiftune_kernels.gated_activation import GatedActivationFunction, gated_activation, geglu, swiglu
+from swiftune_kernels.layer_norm import LayerNormFunction, layer_norm
 from swiftune_kernels.offloaded_checkpoint import (
     OffloadedCheckpointFunction,
     apply_offloaded_checkpointing,
     offloaded_checkpoint,
 )
-from swiftune_kernels.cross_entropy import CrossEntropyFunction, cross_entropy
-from swiftune_kernels.fused_linear_cross_entropy import FusedLinearCrossEntropyFunction, fused_linear_cross_entropy
-from swiftune_kernels.gated_activation import GatedActivationFunction, gated_activation, geglu, swiglu
-from swiftune_kernels.layer_norm import LayerNormFunction, layer_norm
 from swiftune_kernels.rms_norm import RMSNormFunction, rms_norm
 from swiftune_kernels.rope import RoPEFunction, apply_rotary_pos_emb, rope
 

@@ -259,8 +259,11 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             hidden_states, ctx.host_copy = ctx.host_copy.fetch(), None
         else:
             hidden_states = saved.pop(0)
-        needs = ctx.needs_input_grad[1:]
-        inputs = [t.detach().requires_grad_(need) for t, need in zip([hidden_states, *saved], needs)]
+        needs = ctx.needs_input_grad[1:]  # hidden_states, argument tensors, then parameters
+        num_inputs = 1 + len(saved)
+        inputs = [
+            t.detach().requires_grad_(need) for t, need in zip([hidden_states, *saved], needs[:num_inputs], strict=True)
+        ]
         device = hidden_states.device
         cuda_devices = [device] if plan.preserve_rng_state and device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_devices, enabled=plan.preserve_rng_state):
@@ -279,11 +282,10 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
                 f"layer_fn returned {len(out_tensors)} tensors when recomputed but {len(grad_outputs)} in forward; "
                 "a checkpointed layer must return the same structure every time."
             )
-        pairs = [(o, g) for o, g in zip(out_tensors, grad_outputs) if g is not None and o.requires_grad]
+        pairs = [(o, g) for o, g in zip(out_tensors, grad_outputs, strict=True) if g is not None and o.requires_grad]
         outputs, grads = [o for o, _ in pairs], [g for _, g in pairs]
-        num_inputs = len(inputs)
         if plan.params is not None:
-            wrt = [t for t, need in zip([*inputs, *plan.params], needs) if need]
+            wrt = [t for t, need in zip([*inputs, *plan.params], needs, strict=True) if need]
             found = iter(torch.autograd.grad(outputs, wrt, grads, allow_unused=True) if outputs else [None] * len(wrt))
             result = [next(found) if need else None for need in needs]
         else:
@@ -291,7 +293,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             # torch.utils.checkpoint does, and read the inputs' gradients off their detached copies.
             if outputs:
                 torch.autograd.backward(outputs, grads)
-            result = [t.grad if need else None for t, need in zip(inputs, needs[:num_inputs])]
+            result = [t.grad if need else None for t, need in zip(inputs, needs[:num_inputs], strict=True)]
             result += [None] * (len(needs) - num_inputs)
         return (None, *result)
 

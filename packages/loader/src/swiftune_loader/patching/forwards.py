@@ -15,9 +15,6 @@ def attention_forward(
     self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
 ):
     """Llama-family attention with RoPE applied to q and k in one swiftune kernel launch."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -27,7 +24,7 @@ def attention_forward(
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    attention = _attention_interface(self.config._attn_implementation)
     output, weights = attention(
         self,
         query,
@@ -52,3 +49,14 @@ def _sliding_window(attention) -> int | None:
     if hasattr(attention, "sliding_window"):
         return attention.sliding_window
     return getattr(attention.config, "sliding_window", None)
+
+
+def _attention_interface(implementation: str):
+    """transformers' attention function for ``implementation`` (sdpa, flash_attention_2, eager, ...)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    get_interface = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)  # newer transformers 5 releases
+    if get_interface is not None:
+        return get_interface(implementation, eager_attention_forward)
+    return eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
