@@ -115,7 +115,7 @@ def run(system: str, shape: str, seq: int, batch: int, steps: int, warmup: int, 
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
     }
-    del model, optimizer
+    model = optimizer = None  # free the GPU memory before the next system
     if device == "cuda":
         torch.cuda.empty_cache()
     return result

@@ -78,3 +78,16 @@ def time_ms(fn, on_gpu: bool, smoke: bool, graph: bool = True) -> tuple[float, d
         torch.cuda.empty_cache()
         return do_bench, dict(info, timing=f"do_bench (cuda graph capture failed: {repr(error)[:120]})")
     return ms, dict(info, timing="cudagraph")
+
+
+def copy_ceiling_ms(fn, on_gpu: bool, smoke: bool) -> float:
+    """Best time of a device copy over two rounds of both timings: the ceiling errs high, our % of it low.
+
+    (Seen on an H100: the first CUDA-graph copy of a fresh process ran at ~2.43 TB/s, later ones and do_bench
+    at ~2.97 TB/s.)
+    """
+    times = []
+    for _ in range(1 if smoke else 2):
+        ms, info = time_ms(fn, on_gpu, smoke)
+        times += [ms, info.get("ms_do_bench", ms)]
+    return min(times)

@@ -23,6 +23,13 @@ BENCHMARKS = [
     ("bench_gated_activation.py", []),
     ("bench_cross_entropy.py", ["--shapes", "8192x128256,8192x256000"]),
     ("bench_fused_linear_cross_entropy.py", ["--shapes", "8192x4096x128256"]),
+    ("bench_nf4.py", []),
+    ("bench_lora.py", []),
+    # An 8B LoRA's 32 frozen layers on a 24 GiB budget: crossover, and how long a sequence each mode reaches.
+    (
+        "bench_offloaded_checkpoint.py",
+        ["--layers", "32", "--memory-limit-gib", "24", "--max-seconds", "100", "--modes", "offload,recompute,none"],
+    ),
 ]
 
 

@@ -9,9 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swiftune_kernels import lora_linear as lora_linear_module
-from swiftune_kernels import lora_mlp as lora_mlp_module
-from swiftune_kernels import lora_qkv as lora_qkv_module
 from swiftune_kernels.lora_linear import LoRALinearFunction, lora_linear
 from swiftune_kernels.lora_mlp import LoRAMLPFunction, lora_mlp
 from swiftune_kernels.lora_qkv import LoRAQKVFunction, lora_qkv
@@ -156,7 +153,7 @@ def test_matches_peft_in_float64(device, kind, activation, base):
         expected = model(x_peft)
         expected = expected if isinstance(expected, tuple) else (expected,)
     torch.autograd.backward(list(expected), grads)
-    for out, exp in zip(outs, expected):
+    for out, exp in zip(outs, expected, strict=True):
         torch.testing.assert_close(out.detach(), exp.detach(), **EXACT)
     torch.testing.assert_close(leaves[0].grad, x_peft.grad, **EXACT)
     for i, layer in enumerate(layers.values()):
@@ -186,8 +183,8 @@ def test_triton_path_matches_float64_reference(device, tolerance, kind, activati
     torch.autograd.backward(list(outs64), [g.double() for g in grads])
 
     tol = tolerance(dtype)
-    pairs = [(o.detach(), e.detach()) for o, e in zip(outs, outs64)]
-    pairs += [(leaf.grad, leaf64.grad) for leaf, leaf64 in zip(leaves, leaves64)]
+    pairs = [(o.detach(), e.detach()) for o, e in zip(outs, outs64, strict=True)]
+    pairs += [(leaf.grad, leaf64.grad) for leaf, leaf64 in zip(leaves, leaves64, strict=True)]
     for got, exp in pairs:
         assert got.dtype == dtype and got.shape == exp.shape
         # Errors here come from roundings of whole (T, features) intermediates (gate, up, h, dh, dgate, dup: each
@@ -210,7 +207,7 @@ def test_float32_adapters_on_a_bf16_base(device, tolerance):
     torch.autograd.backward(list(outs64), [g.double() for g in grads])
     assert outs[0].dtype == torch.bfloat16 and leaves[0].grad.dtype == torch.bfloat16
     tol = tolerance(torch.bfloat16)
-    for leaf, leaf64 in zip(leaves[1:], leaves64[1:]):
+    for leaf, leaf64 in zip(leaves[1:], leaves64[1:], strict=True):
         assert leaf.grad.dtype == torch.float32
         scale = leaf64.grad.abs().max().item()  # see test_triton_path_matches_float64_reference
         torch.testing.assert_close(leaf.grad.double(), leaf64.grad, atol=tol["atol"] * scale, rtol=tol["rtol"])
@@ -236,7 +233,7 @@ def test_frozen_inputs_get_no_gradient(device, tolerance, kind):
     outs64 = ref_op(*args64, act) if act else ref_op(*args64)
     outs64 = outs64 if isinstance(outs64, tuple) else (outs64,)
     torch.autograd.backward(list(outs64), [g.double() for g in grads])
-    for t, t64 in zip(args, args64):
+    for t, t64 in zip(args, args64, strict=True):
         if isinstance(t, torch.Tensor) and t.grad is not None:
             torch.testing.assert_close(t.grad.double(), t64.grad, **tolerance(torch.float32))
 
@@ -263,7 +260,7 @@ def test_reference_path_without_interpreter(reference_only, monkeypatch, kind):
     act = "silu" if kind == "mlp" else None
     outs, _ = _ours(op, _inputs(torch.float32), weights, 2.0, act)
     expected, _ = _ours(ref_op, _inputs(torch.float32), weights, 2.0, act)
-    for o, e in zip(outs, expected):
+    for o, e in zip(outs, expected, strict=True):
         assert torch.equal(o, e)
 
 
@@ -291,3 +288,35 @@ def test_bad_inputs_raise_clear_errors():
     args_bad[9] = args_bad[9][:, :-1]  # down_w (hidden, intermediate - 1)
     with pytest.raises(ValueError, match="down_w"):
         lora_mlp(*args_bad, "silu")
+
+
+def test_mlp_under_activation_checkpointing(device):
+    """Non-reentrant checkpointing recomputes the saved gate/up that backward then overwrites: still exact."""
+    weights = _make_weights(MLP, torch.float32, "reference")
+    x = _inputs(torch.float32).to(device)
+    outs, leaves = _ours(lora_mlp, x, weights, 2.0, "silu")
+    grads = _backward(outs)
+
+    def checkpointed(x_, *args):
+        return torch.utils.checkpoint.checkpoint(lora_mlp, x_, *args, use_reentrant=False)
+
+    outs_ckpt, leaves_ckpt = _ours(checkpointed, x, weights, 2.0, "silu")
+    torch.autograd.backward(list(outs_ckpt), grads)
+    assert torch.equal(outs[0], outs_ckpt[0])
+    for leaf, leaf_ckpt in zip(leaves, leaves_ckpt, strict=True):
+        assert torch.equal(leaf.grad, leaf_ckpt.grad)
+
+
+def test_non_contiguous_input(device, tolerance):
+    """x as a transposed view (e.g. after a permute), 3-D: reshaped inside, gradient in x's shape."""
+    weights = _make_weights(QKV, torch.float32, "dense")
+    x = _inputs(torch.float32).to(device).transpose(0, 1)  # (7, 2, hidden), not contiguous
+    assert not x.is_contiguous()
+    outs, leaves = _ours(lora_qkv, x, weights, 2.0)
+    grads = _backward(outs)
+    weights64 = {n: (d.double(), d.double(), a.double(), b.double()) for n, (_, d, a, b) in weights.items()}
+    outs64, leaves64 = _ours(reference.lora_qkv, x.double(), weights64, 2.0)
+    torch.autograd.backward(list(outs64), [g.double() for g in grads])
+    assert leaves[0].grad.shape == x.shape
+    for leaf, leaf64 in zip(leaves, leaves64, strict=True):
+        torch.testing.assert_close(leaf.grad.double(), leaf64.grad, **tolerance(torch.float32))

@@ -20,6 +20,10 @@ from swiftune_kernels.cross_entropy import CrossEntropyFunction, cross_entropy
 from swiftune_kernels.fused_linear_cross_entropy import FusedLinearCrossEntropyFunction, fused_linear_cross_entropy
 from swiftune_kernels.gated_activation import GatedActivationFunction, gated_activation, geglu, swiglu
 from swiftune_kernels.layer_norm import LayerNormFunction, layer_norm
+from swiftune_kernels.lora_linear import LoRALinearFunction, lora_linear
+from swiftune_kernels.lora_mlp import LoRAMLPFunction, lora_mlp
+from swiftune_kernels.lora_qkv import LoRAQKVFunction, lora_qkv
+from swiftune_kernels.nf4 import dequantize_nf4
 from swiftune_kernels.offloaded_checkpoint import (
     OffloadedCheckpointFunction,
     apply_offloaded_checkpointing,
@@ -48,4 +52,11 @@ __all__ = [
     "OffloadedCheckpointFunction",
     "offloaded_checkpoint",
     "apply_offloaded_checkpointing",
+    "dequantize_nf4",
+    "LoRALinearFunction",
+    "lora_linear",
+    "LoRAQKVFunction",
+    "lora_qkv",
+    "LoRAMLPFunction",
+    "lora_mlp",
 ]

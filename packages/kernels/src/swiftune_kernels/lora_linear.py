@@ -58,7 +58,9 @@ def check_projection(prefix: str, x: torch.Tensor, weight, a: torch.Tensor, b: t
     if a.dim() != 2 or a.shape[1] != in_features:
         raise ValueError(f"{prefix}a must be (r, {in_features}) like peft's lora_A.weight, got {tuple(a.shape)}.")
     if b.dim() != 2 or b.shape != (shape[0], a.shape[0]):
-        raise ValueError(f"{prefix}b must be ({shape[0]}, {a.shape[0]}) like peft's lora_B.weight, got {tuple(b.shape)}.")
+        raise ValueError(
+            f"{prefix}b must be ({shape[0]}, {a.shape[0]}) like peft's lora_B.weight, got {tuple(b.shape)}."
+        )
     if not isinstance(s, numbers.Real):
         raise TypeError(f"{prefix}s must be a number (peft's scaling), got {type(s).__name__}.")
     packed = weight.data if quantized else weight
@@ -127,7 +129,6 @@ class LoRALinearFunction(torch.autograd.Function):
         da, db, dxa = project_backward(dy2, x2, xa, a_, b_, ctx.s, need_a, need_b, need_x)
         dx = accumulate_dx(None, dy2, ctx.weight, dxa, a_).reshape(ctx.x_shape) if need_x else None
         return dx, cast_grad(da, ctx.a_dtype), cast_grad(db, ctx.b_dtype), None, None
-
 
 
 def lora_linear(x: torch.Tensor, w, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:

@@ -135,7 +135,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             dx = accumulate_dx(None, dgate, g_w, dxa_g, ga)
             dx = accumulate_dx(dx, dup, u_w, dxa_u, ua).reshape(ctx.x_shape)
         grads = (ga_grad, gb_grad, ua_grad, ub_grad, grad_da, grad_db)
-        grads = tuple(cast_grad(g, dtype) for g, dtype in zip(grads, ctx.dtypes))
+        grads = tuple(cast_grad(g, dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True))
         return (dx, *grads, None, None, None, None, None, None, None)
 
 

@@ -37,7 +37,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         adapters = [(a.to(x.dtype), b.to(x.dtype)) for a, b in ((q_a, q_b), (k_a, k_b), (v_a, v_b))]
         outs, xas = [], []
-        for (a_, b_), w, s in zip(adapters, (q_w, k_w, v_w), (q_s, k_s, v_s)):
+        for (a_, b_), w, s in zip(adapters, (q_w, k_w, v_w), (q_s, k_s, v_s), strict=True):
             y, xa = project_forward(x2, w, a_, b_, s)
             outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
             xas.append(xa)
@@ -96,10 +96,8 @@ def lora_qkv(
     """
     check_input(x)
     projections = ((q_w, q_a, q_b, q_s), (k_w, k_a, k_b, k_s), (v_w, v_a, v_b, v_s))
-    for name, (w, a, b, s) in zip(_NAMES, projections):
+    for name, (w, a, b, s) in zip(_NAMES, projections, strict=True):
         check_projection(f"{name}_", x, w, a, b, s, x.shape[-1])
     if use_triton(x):
-        return LoRAQKVFunction.apply(
-            x, q_a, q_b, k_a, k_b, v_a, v_b, q_w, k_w, v_w, float(q_s), float(k_s), float(v_s)
-        )
+        return LoRAQKVFunction.apply(x, q_a, q_b, k_a, k_b, v_a, v_b, q_w, k_w, v_w, float(q_s), float(k_s), float(v_s))
     return _reference.lora_qkv(x, q_w, q_a, q_b, q_s, k_w, k_a, k_b, k_s, v_w, v_a, v_b, v_s)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from swiftune_data import load_conversations, tokenize_conversations
 from swiftune_loader import FastLanguageModel, chat_reply
+from swiftune_tokenizers_fix import fix_tokenizer
 from swiftune_train.arguments import sft_config
 from swiftune_train.progress import ProgressPrinter
 
@@ -120,6 +121,9 @@ def run_sft_job(job: SFTJob, write=print) -> SFTResult:
     model, tokenizer = FastLanguageModel.from_pretrained(
         job.model, max_seq_length=job.max_seq_length, load_in_4bit=job.load_in_4bit, dtype=job.dtype
     )
+    _, repairs = fix_tokenizer(tokenizer, model)
+    for repair in repairs:
+        write(f"tokenizer repair ({repair.kind}): {repair.did}")
     tokenized = tokenize_conversations(conversations, tokenizer, job.max_seq_length, job.train_on_responses_only)
     write(f"model {model.config._name_or_path} ({model.num_parameters() / 1e6:.0f}M parameters, {model.dtype})")
     write(f"data {dataset_path}: {len(tokenized)} conversations")

@@ -79,7 +79,7 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``code[index] * absmax[block]`` in float32 (float64 for a float64 ``out_dtype``), shaped ``quant_state.shape``."""
+    """``code[index] * absmax[block]`` in float32 (float64 for a float64 out_dtype), shaped ``quant_state.shape``."""
     out_dtype = quant_state.dtype if out_dtype is None else out_dtype
     shape = tuple(quant_state.shape)
     numel = math.prod(shape)
@@ -87,6 +87,11 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out_dtype: torch.dtype | N
     values = quant_state.code.float()[unpack_nibbles(packed, numel)]
     scales = block_absmax(quant_state).repeat_interleave(quant_state.blocksize)[:numel]
     return (values.to(compute) * scales.to(compute)).to(out_dtype).reshape(shape)
+
+
+def _nearest_level(values: torch.Tensor, sorted_code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of an ascending table (bucketize on the midpoints, as bitsandbytes' torch backend)."""
+    return torch.bucketize(values, (sorted_code[1:] + sorted_code[:-1]) / 2)
 
 
 def quantize_nf4(
@@ -110,7 +115,7 @@ def quantize_nf4(
     absmax = padded.abs().amax(dim=1)
     scaled = (padded / absmax.clamp(min=1e-38)[:, None]).clamp(-1, 1).reshape(-1)[:numel]
     code = torch.tensor(NF4_CODE, dtype=torch.float32, device=weight.device)
-    index = (scaled[:, None] - code[None, :]).abs().argmin(dim=1)
+    index = _nearest_level(scaled, code)
     if numel % 2:
         index = torch.cat([index, index.new_zeros(1)])
     index = index.to(torch.uint8)
@@ -124,7 +129,7 @@ def quantize_nf4(
         absmax2 = pad2.reshape(n2, nested_blocksize).abs().amax(dim=1).clamp(min=1e-38)
         code2 = torch.linspace(-1.0, 1.0, 256, dtype=torch.float32, device=weight.device)
         normed = centred / absmax2.repeat_interleave(nested_blocksize)[: centred.numel()]
-        qabsmax = (normed[:, None] - code2[None, :]).abs().argmin(dim=1).to(torch.uint8)
+        qabsmax = _nearest_level(normed, code2).to(torch.uint8)
         state.absmax = qabsmax
         state.offset = offset
         state.state2 = QuantState(absmax=absmax2, code=code2, blocksize=nested_blocksize, dtype=torch.float32)
