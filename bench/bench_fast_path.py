@@ -66,8 +66,8 @@ def build(shape: str, seq: int, device: str):
     return model
 
 
-def run(system: str, shape: str, seq: int, batch: int, steps: int, warmup: int, device: str) -> dict:
-    model = build(shape, seq, device)
+def run(system, shape, seq, batch, steps, warmup, device, qlora_dir=None) -> dict:
+    model = build(shape, seq, device, qlora_dir)
     if system == "swiftune":
         from swiftune_loader.patching import patch_model
         from swiftune_train.fused_loss import fused_causal_lm_loss
@@ -129,14 +129,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--systems", default="transformers+peft,swiftune")
+    parser.add_argument("--qlora", action="store_true", help="NF4 base (bitsandbytes), saved and reloaded once")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    qlora_dir = None
+    if args.qlora:
+        import tempfile
+
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        qlora_dir = tempfile.mkdtemp(prefix="bench-qlora-")
+        config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(args.seq, 2048), rope_theta=5e5)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(qlora_dir)
     results = []
     for system in args.systems.split(","):
-        result = run(system, args.shape, args.seq, args.batch, args.steps, args.warmup, device)
+        result = run(system, args.shape, args.seq, args.batch, args.steps, args.warmup, device, qlora_dir)
         print("RESULT " + json.dumps(result), flush=True)
         results.append(result)
     base = results[0]
+    print(f"quant={results[0]['quant']} shape={args.shape} seq={args.seq} batch={args.batch}")
     print(f"{'system':<20}{'tokens/s':>12}{'ratio':>8}{'peak GiB':>10}{'first loss':>12}")
     for r in results:
         ratio = r["tokens_per_s"] / base["tokens_per_s"]

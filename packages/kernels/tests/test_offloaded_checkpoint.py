@@ -67,15 +67,23 @@ def _grads(layers, x, dy, seed=1, **kwargs):
     return y.detach(), x.grad, [p.grad for p in layers.parameters()]
 
 
-def _assert_same(got, want, exact):
-    kwargs = {"atol": 0.0, "rtol": 0.0} if exact else {"atol": 1e-6, "rtol": 1e-6}
+def _bound(device, dtype=torch.float64):
+    """Exact on the CPU: the recompute runs the same kernels on the same shapes in the same order. On a GPU the
+    backward thread has its own cuBLAS handle, which may pick another kernel: allow one rounding of the dtype."""
+    if torch.device(device).type == "cpu":
+        return {"atol": 0.0, "rtol": 0.0}
+    eps = torch.finfo(dtype).eps
+    return {"atol": 8 * eps, "rtol": 8 * eps}
+
+
+def _assert_same(got, want, bound):
     y, dx, dps = got
     y0, dx0, dps0 = want
-    torch.testing.assert_close(y, y0, **kwargs)
-    torch.testing.assert_close(dx, dx0, **kwargs)
+    torch.testing.assert_close(y, y0, **bound)
+    torch.testing.assert_close(dx, dx0, **bound)
     assert len(dps) == len(dps0) and all(g is not None for g in dps)
     for g, g0 in zip(dps, dps0, strict=True):
-        torch.testing.assert_close(g, g0, **kwargs)
+        torch.testing.assert_close(g, g0, **bound)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -91,8 +99,7 @@ def test_stack_matches_no_checkpointing(mode, dtype, dropout, device):
     handle = apply_offloaded_checkpointing(layers, policy=mode)
     got = _grads(layers, x, dy)
     handle.revert()
-    # Same kernels on the same shapes in the same order: bit-identical (float32 too, the bound is only a margin).
-    _assert_same(got, want, exact=dtype == torch.float64)
+    _assert_same(got, want, _bound(device, dtype))
     assert len(calls) == len(layers)  # hooks stay outside the checkpoint: they do not run again in the recompute
     for hook in hooks:
         hook.remove()
@@ -135,7 +142,7 @@ def test_tensor_arguments_get_gradients(mode, device):
     layers.zero_grad(set_to_none=True)
     got = grads(True)
     for g, g0 in zip(got, want, strict=True):
-        torch.testing.assert_close(g, g0, atol=0, rtol=0)
+        torch.testing.assert_close(g, g0, **_bound(device))
 
 
 class TupleLayer(nn.Module):
@@ -172,7 +179,7 @@ def test_tuple_output(mode, device):
     with apply_offloaded_checkpointing(layers, policy=mode):
         got = grads()
     for g, g0 in zip(got, want, strict=True):
-        torch.testing.assert_close(g, g0, atol=0, rtol=0)
+        torch.testing.assert_close(g, g0, **_bound(device))
 
 
 def test_frozen_layer_input_without_grad_still_trains_parameters():
@@ -209,7 +216,7 @@ def test_closure_without_visible_parameters():
     for layer in layers:
         out = offloaded_checkpoint(lambda t, m=layer: m(t), out, offload=True)
     out.backward(dy)
-    _assert_same((out.detach(), h.grad, [p.grad for p in layers.parameters()]), want, exact=True)
+    _assert_same((out.detach(), h.grad, [p.grad for p in layers.parameters()]), want, _bound("cpu"))
 
 
 def test_autocast_state_is_restored_for_the_recompute():
@@ -229,7 +236,7 @@ def test_autocast_state_is_restored_for_the_recompute():
     want = grads()
     with apply_offloaded_checkpointing(layers, policy="offload"):
         got = grads()
-    _assert_same(got, want, exact=True)
+    _assert_same(got, want, _bound("cpu"))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -445,7 +452,7 @@ def test_cuda_offload_uses_pinned_memory_and_matches(dtype):
         del copies
         y.backward(dy)
         got = (y.detach(), h.grad, [p.grad for p in layers.parameters()])
-    _assert_same(got, want, exact=True)
+    _assert_same(got, want, _bound("cuda", dtype))
 
 
 @cuda_only
