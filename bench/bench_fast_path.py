@@ -69,8 +69,7 @@ def build(shape: str, seq: int, device: str):
 def run(system, shape, seq, batch, steps, warmup, device, qlora_dir=None) -> dict:
     model = build(shape, seq, device, qlora_dir)
     if system == "swiftune":
-        from swiftune_loader.patching import patch_model
-        from swiftune_train.fused_loss import fused_causal_lm_loss
+        from swiftune_loader.patching import fused_causal_lm_loss, patch_model
 
         patch_model(model.get_base_model())
 

@@ -48,3 +48,88 @@ def adapter(tmp_path, base_dir):
 def write_adapter():
     """The adapter writer, for tests that need an adapter of their own."""
     return _write_adapter
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's printable spelling of the 256 bytes (the alphabet of byte-level BPE vocabularies)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    spelled, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            spelled[byte] = chr(byte)
+        else:
+            spelled[byte] = chr(256 + extra)
+            extra += 1
+    return [spelled[b] for b in range(256)]
+
+
+LLAMA_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "vocab_size": 270,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    """A hand-written Llama folder whose rows are multiples of 256 (so every quant type applies), with a byte-level
+    BPE tokenizer.json of 3 special tokens, 256 bytes and 3 merges, in fewer ids than the 270 embedding rows."""
+    torch.manual_seed(0)
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    c = LLAMA_CONFIG
+    hidden, inter, vocab, kv_rows = c["hidden_size"], c["intermediate_size"], c["vocab_size"], 2 * 64
+    tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden), "model.norm.weight": 1 + torch.rand(hidden)}
+    tensors["lm_head.weight"] = torch.randn(vocab, hidden) * 0.05
+    for i in range(c["num_hidden_layers"]):
+        prefix = f"model.layers.{i}"
+        shapes = {
+            "self_attn.q_proj": (hidden, hidden),
+            "self_attn.k_proj": (kv_rows, hidden),
+            "self_attn.v_proj": (kv_rows, hidden),
+            "self_attn.o_proj": (hidden, hidden),
+            "mlp.gate_proj": (inter, hidden),
+            "mlp.up_proj": (inter, hidden),
+            "mlp.down_proj": (hidden, inter),
+        }
+        for name, shape in shapes.items():
+            tensors[f"{prefix}.{name}.weight"] = (torch.randn(shape) * 0.05).to(torch.bfloat16)
+        tensors[f"{prefix}.input_layernorm.weight"] = 1 + torch.rand(hidden)
+        tensors[f"{prefix}.post_attention_layernorm.weight"] = 1 + torch.rand(hidden)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(c))
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab_map = {token: i for i, token in enumerate(specials + _byte_alphabet())}
+    merges = [["h", "e"], ["he", "l"], ["Ġ", "t"]]
+    for left, right in merges:
+        vocab_map[left + right] = len(vocab_map)
+    tokenizer = {
+        "version": "1.0",
+        "added_tokens": [
+            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+             "special": True}
+            for i, t in enumerate(specials)
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab_map, "merges": merges},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    )
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}")
+    return folder

@@ -83,8 +83,8 @@ def time_ms(fn, on_gpu: bool, smoke: bool, graph: bool = True) -> tuple[float, d
 def copy_ceiling_ms(fn, on_gpu: bool, smoke: bool) -> float:
     """Best time of a device copy over two rounds of both timings: the ceiling errs high, our % of it low.
 
-    (Seen on an H100: the first CUDA-graph copy of a fresh process ran at ~2.43 TB/s, later ones and do_bench
-    at ~2.97 TB/s.)
+    (Seen on an H100: CUDA-graph replays of a 512 MiB bf16 copy ran at ~2.43 TB/s, do_bench of the same copy and
+    graph replays of a 128 MiB one at ~2.97 TB/s.)
     """
     times = []
     for _ in range(1 if smoke else 2):

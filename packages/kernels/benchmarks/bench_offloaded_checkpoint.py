@@ -271,12 +271,14 @@ def main() -> None:
         torch.set_num_threads(1)  # tiny matmuls: threads only add contention
     args.seq_list = [int(s) for s in args.seqs.split(",")]
     args.mode_list = args.modes.split(",")
-    device = torch.device("cuda" if on_gpu else "cpu")
+    # An explicit index: set_per_process_memory_fraction refuses a bare "cuda".
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     start = time.perf_counter()
 
     bandwidths = copy_bandwidths(device, on_gpu)
     if bandwidths:
         print("RESULT " + json.dumps(bandwidths), flush=True)
+    free_memory(on_gpu)  # the cached copy buffers would count against --memory-limit-gib
     layers, rotary, kind = build_stack(args, device, torch.bfloat16 if on_gpu else torch.float32)
     layers.requires_grad_(args.trainable)
     capacity_gib = None
@@ -308,9 +310,12 @@ def main() -> None:
             try:
                 row = measure(args, layers, rotary, mode, seq, device, on_gpu, reps)
                 last[mode] = (seq, row["ms"])
-            except torch.cuda.OutOfMemoryError:
-                row = {"op": "offloaded_checkpoint", "provider": mode, "seq": seq, "oom": True}
-                stops[mode] = f"OOM at {seq}"
+            except Exception as error:  # cuBLAS reports OOM as CUBLAS_STATUS_ALLOC_FAILED, a RuntimeError
+                oom = isinstance(error, torch.cuda.OutOfMemoryError) or "ALLOC_FAILED" in str(error)
+                row = {"op": "offloaded_checkpoint", "provider": mode, "seq": seq, "oom": oom}
+                if not oom:
+                    row["error"] = repr(error)[:300]
+                stops[mode] = f"{'OOM' if oom else 'error'} at {seq}"
             free_memory(on_gpu)
             print("RESULT " + json.dumps(row), flush=True)
             rows.append(row)
@@ -320,8 +325,8 @@ def main() -> None:
     print(f"\n{kind}, {args.layers} layers, hidden {args.hidden}, {info['device']}, bandwidths {bandwidths}")
     print(f"{'seq':>7} {'mode':<17} {'ms':>10} {'tok/s':>10} {'TFLOP/s':>8} {'peak GiB':>9}")
     for r in rows:
-        if r.get("oom"):
-            print(f"{r['seq']:>7} {r['provider']:<17} OOM")
+        if "ms" not in r:
+            print(f"{r['seq']:>7} {r['provider']:<17} {'OOM' if r['oom'] else r['error'][:60]}")
             continue
         peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
         cells = f"{r['ms']:>10.1f} {r['tokens_per_s']:>10.0f} {r['tflops']:>8.1f} {peak:>9}"

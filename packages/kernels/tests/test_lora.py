@@ -323,3 +323,25 @@ def test_non_contiguous_input(device, tolerance):
     assert leaves[0].grad.shape == x.shape
     for leaf, leaf64 in zip(leaves, leaves64, strict=True):
         torch.testing.assert_close(leaf.grad.double(), leaf64.grad, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_float16(device, tolerance, base):
+    """float16 activations (dense fp16 base, or NF4 dequantized to fp16): the bf16 bound of the table is used, which
+    is conservative for float16 (10 explicit mantissa bits against bfloat16's 7; values here stay far from fp16's
+    range limits)."""
+    weights = _make_weights(MLP, torch.float16, "dense" if base == "dense" else "reference", device)
+    weights64 = {n: (d.double(), d.double(), a.double(), b.double()) for n, (_, d, a, b) in weights.items()}
+    x = _inputs(torch.float16, device)
+    outs, leaves = _ours(lora_mlp, x, weights, 2.0, "gelu_tanh")
+    grads = _backward(outs)
+    outs64, leaves64 = _ours(reference.lora_mlp, x.double(), weights64, 2.0, "gelu_tanh")
+    torch.autograd.backward(list(outs64), [g.double() for g in grads])
+    tol = tolerance(torch.bfloat16)
+    pairs = [(outs[0].detach(), outs64[0].detach())] + [
+        (t.grad, t64.grad) for t, t64 in zip(leaves, leaves64, strict=True)
+    ]
+    for got, exp in pairs:
+        assert got.dtype == torch.float16
+        scale = exp.abs().max().item()  # see test_triton_path_matches_float64_reference
+        torch.testing.assert_close(got.double(), exp, atol=tol["atol"] * scale, rtol=tol["rtol"])

@@ -114,3 +114,12 @@ def test_bad_inputs_raise_clear_errors():
         dequantize_nf4(packed, object())
     with pytest.raises(ValueError, match="absmax"):
         dequantize_nf4(packed, reference.QuantState(state.absmax[:-1], state.shape, state.code, 64))
+
+
+def test_packed_in_another_storage_dtype(device):
+    """bitsandbytes' quant_storage (e.g. bf16 for FSDP) holds the same bytes in another dtype: read as uint8."""
+    torch.manual_seed(4)
+    weight = torch.randn(40, 260, device=device, dtype=torch.bfloat16)
+    packed, state = reference.quantize_nf4(weight, 64, True, nested_blocksize=4)
+    as_bf16 = packed.reshape(-1).view(torch.bfloat16).unsqueeze(1)
+    assert torch.equal(dequantize_nf4(as_bf16, state), dequantize_nf4(packed, state))

@@ -2,6 +2,7 @@
 restored for the recompute, tensor arguments and tuple outputs, the input released and prefetched in order,
 revert, policy, errors. On a GPU the same tests run the CUDA copies, plus memory checks."""
 
+import functools
 import gc
 import importlib
 import weakref
@@ -67,9 +68,14 @@ def _grads(layers, x, dy, seed=1, **kwargs):
     return y.detach(), x.grad, [p.grad for p in layers.parameters()]
 
 
+def _checkpointed(tensor):
+    """Whether ``tensor`` came out of the checkpoint (a plain call would give the same gradients, unsaved memory)."""
+    return type(tensor.grad_fn).__name__ == "OffloadedCheckpointFunctionBackward"
+
+
 def _bound(device, dtype=torch.float64):
     """Exact on the CPU: the recompute runs the same kernels on the same shapes in the same order. On a GPU the
-    backward thread has its own cuBLAS handle, which may pick another kernel: allow one rounding of the dtype."""
+    backward thread has its own cuBLAS handle, which may pick another kernel: allow a few roundings of the dtype."""
     if torch.device(device).type == "cpu":
         return {"atol": 0.0, "rtol": 0.0}
     eps = torch.finfo(dtype).eps
@@ -95,12 +101,12 @@ def test_stack_matches_no_checkpointing(mode, dtype, dropout, device):
     dy = torch.randn_like(x)
     want = _grads(layers, x, dy)
     calls = []
-    hooks = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in layers]
+    hooks = [layer.register_forward_hook(lambda m, i, o: calls.append(_checkpointed(o))) for layer in layers]
     handle = apply_offloaded_checkpointing(layers, policy=mode)
     got = _grads(layers, x, dy)
     handle.revert()
     _assert_same(got, want, _bound(device, dtype))
-    assert len(calls) == len(layers)  # hooks stay outside the checkpoint: they do not run again in the recompute
+    assert calls == [True] * len(layers)  # hooks stay outside the checkpoint: they do not run again in the recompute
     for hook in hooks:
         hook.remove()
 
@@ -197,11 +203,36 @@ def test_frozen_layer_input_without_grad_still_trains_parameters():
     want = grads()
     with apply_offloaded_checkpointing(layers, policy="offload"):
         got = grads()
+        assert _checkpointed(layers[0](x))
     for g, g0 in zip(got, want, strict=True):
         assert (g is None) == (g0 is None)
         if g is not None:
             torch.testing.assert_close(g, g0, atol=0, rtol=0)
     assert layers[0].up.weight.grad is None and layers[0].down.weight.grad is not None
+
+
+def test_parameters_found_behind_a_partial():
+    """accelerate-style ``functools.partial(new_forward, module)`` forwards: the parameters are still found, so they
+    get gradients although no input requires grad (only the explicit-parameter path can do that)."""
+    layers = _stack(layers=2)
+    x, dy = torch.randn(2, 7, 13, dtype=torch.float64), torch.randn(2, 7, 13, dtype=torch.float64)
+
+    def grads():
+        layers.zero_grad(set_to_none=True)
+        _run(layers, x).backward(dy)
+        return [p.grad for p in layers.parameters()]
+
+    want = grads()
+    for layer in layers:
+        layer.forward = functools.partial(lambda module, h: type(module).forward(module, h), layer)
+    handle = apply_offloaded_checkpointing(layers, policy="offload")
+    got = grads()
+    assert _checkpointed(layers[0](x))
+    handle.revert()
+    for g, g0 in zip(got, want, strict=True):
+        torch.testing.assert_close(g, g0, atol=0, rtol=0)
+    h = offloaded_checkpoint(layers[0].forward, x, offload=True)
+    assert _checkpointed(h)
 
 
 def test_closure_without_visible_parameters():
@@ -264,10 +295,15 @@ def test_tiny_hf_llama_matches_no_checkpointing(mode):
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
     loss0, want = grads()
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o)) for layer in model.model.layers]
     with pytest.warns(UserWarning, match="KV cache"):
         handle = apply_offloaded_checkpointing(model.model.layers, policy=mode)
         loss, got = grads()
     handle.revert()
+    assert len(outputs) == 2 and all(_checkpointed(o[0] if isinstance(o, tuple) else o) for o in outputs)
+    for hook in hooks:
+        hook.remove()
     torch.testing.assert_close(loss, loss0, atol=0, rtol=0)
     assert want.keys() == got.keys()
     for name in want:

@@ -6,7 +6,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from swiftune_train import SFTTrainer, fused_causal_lm_loss, sft_config
+from swiftune_loader.patching import fused_causal_lm_loss
+from swiftune_train import SFTTrainer, sft_config
 
 
 @pytest.fixture

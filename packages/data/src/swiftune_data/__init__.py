@@ -3,8 +3,13 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from swiftune_data.bundled import bundled_dataset_path
+from swiftune_data.chat_templates import CHAT_TEMPLATES, ChatTemplate, get_chat_template, registered_template_of
 from swiftune_data.files import load_dataset_file
 from swiftune_data.formats import KNOWN_FORMATS, detect_format, standardize
+from swiftune_data.packing import DataCollatorForPackedSequences, block_causal_mask, pack_sequences
+from swiftune_data.preference import standardize_preference
+from swiftune_data.response_only import marker_token_variants, train_on_responses_only
+from swiftune_data.text_chunks import chunk_text
 from swiftune_data.tokenize import IGNORE_INDEX, tokenize_conversations
 
 try:
@@ -19,13 +24,24 @@ def load_conversations(path):
 
 
 __all__ = [
+    "CHAT_TEMPLATES",
     "IGNORE_INDEX",
     "KNOWN_FORMATS",
+    "ChatTemplate",
+    "DataCollatorForPackedSequences",
     "__version__",
+    "block_causal_mask",
     "bundled_dataset_path",
+    "chunk_text",
     "detect_format",
+    "get_chat_template",
     "load_conversations",
     "load_dataset_file",
+    "marker_token_variants",
+    "pack_sequences",
+    "registered_template_of",
     "standardize",
+    "standardize_preference",
     "tokenize_conversations",
+    "train_on_responses_only",
 ]

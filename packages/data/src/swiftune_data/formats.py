@@ -10,6 +10,7 @@ KNOWN_FORMATS = {
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
+    "preference": ("chosen", "rejected"),
 }
 _SHAREGPT_ROLES = {
     "human": "user",
@@ -31,11 +32,16 @@ def detect_format(column_names: list[str]) -> str:
         if all(column in column_names for column in needed):
             return name
     known = "; ".join(f"{name} ({', '.join(cols)})" for name, cols in KNOWN_FORMATS.items())
-    raise ValueError(f"No known dataset format fits the columns {sorted(column_names)}. Known formats: {known}.")
+    hint = " Raw text (a 'text' column) is not a conversation: use chunk_text()." if "text" in column_names else ""
+    raise ValueError(f"No known dataset format fits the columns {sorted(column_names)}. Known formats: {known}.{hint}")
 
 
 def standardize(dataset: Dataset) -> Dataset:
     """Turn a dataset in any known format into one column ``messages`` of {"role", "content"} dicts.
+
+    Preference data becomes its prompt followed by the chosen answer (supervised fine-tuning on the preferred
+    replies); :func:`swiftune_data.standardize_preference` keeps both answers. Raw text has no turns: chunk it with
+    :func:`swiftune_data.chunk_text` instead.
 
     Raises:
         ValueError: the format is unknown, or a row has no assistant turn or an unknown role.
@@ -46,6 +52,7 @@ def standardize(dataset: Dataset) -> Dataset:
         "sharegpt": _from_sharegpt,
         "alpaca": _from_alpaca,
         "prompt_completion": _from_prompt_completion,
+        "preference": _from_preference,
     }[fmt]
     return dataset.map(lambda row: {"messages": _validated(convert(row))}, remove_columns=dataset.column_names)
 
@@ -67,8 +74,17 @@ def _content_text(content) -> str:
 
 
 def _from_messages(row: dict) -> list[dict]:
+    return normalize_messages(row["messages"])
+
+
+def normalize_messages(raw: list[dict]) -> list[dict]:
+    """OpenAI-style messages as ``{"role", "content"}`` dicts with string content (text parts joined).
+
+    Raises:
+        ValueError: a role is not system, user or assistant.
+    """
     messages = []
-    for message in row["messages"]:
+    for message in raw:
         role = message.get("role")
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"Unknown role {role!r} in a messages row; use system, user or assistant.")
@@ -95,3 +111,11 @@ def _from_alpaca(row: dict) -> list[dict]:
 
 def _from_prompt_completion(row: dict) -> list[dict]:
     return [{"role": "user", "content": str(row["prompt"])}, {"role": "assistant", "content": str(row["completion"])}]
+
+
+def _from_preference(row: dict) -> list[dict]:
+    # Imported here: preference.py builds on this module's message helpers.
+    from swiftune_data.preference import preference_row
+
+    pair = preference_row(row)
+    return pair["prompt"] + pair["chosen"]

@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from swiftune_export.atomic import atomic_directory
+from swiftune_export.gguf_export import write_gguf
 from swiftune_export.merge import lora_scale, merge_adapter
 
 try:
@@ -10,4 +11,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__", "atomic_directory", "lora_scale", "merge_adapter"]
+__all__ = ["__version__", "atomic_directory", "lora_scale", "merge_adapter", "write_gguf"]

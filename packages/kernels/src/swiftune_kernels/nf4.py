@@ -112,7 +112,7 @@ def _check(packed: torch.Tensor, quant_state, out_dtype: torch.dtype) -> torch.T
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"packed must be a tensor (the weight's .data), got {type(packed).__name__}.")
     if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may be another dtype over the same bytes
-        packed = packed.contiguous().view(torch.uint8)
+        packed = packed.contiguous().reshape(-1).view(torch.uint8)
     numel = math.prod(tuple(quant_state.shape))
     if packed.numel() != (numel + 1) // 2:
         raise ValueError(

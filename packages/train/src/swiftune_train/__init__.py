@@ -2,8 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from swiftune_loader.patching import fused_causal_lm_loss
 from swiftune_train.arguments import sft_config
-from swiftune_train.fused_loss import fused_causal_lm_loss
 from swiftune_train.progress import ProgressPrinter
 from swiftune_train.sft_job import SFTJob, SFTResult, check_output_dir, run_sft_job, save_adapter
 from swiftune_train.trainer import SFTTrainer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from trl import SFTTrainer as TRLSFTTrainer
 
-from swiftune_train.fused_loss import causal_lm_parts, fused_causal_lm_loss
+from swiftune_loader.patching import causal_lm_parts, fused_causal_lm_loss
 
 
 class SFTTrainer(TRLSFTTrainer):

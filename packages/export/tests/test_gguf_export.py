@@ -1,0 +1,143 @@
+"""write_gguf read back by gguf's own reader: metadata, tensor names and types, and the data within each type's error."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from swiftune_export import write_gguf
+from swiftune_export.gguf_quant_types import QUANT_TYPES
+
+Q = gguf.GGMLQuantizationType
+
+# Relative RMS error allowed per type on these Gaussian weights: fp16 rounds to 11 bits (2**-11 relative, RMS
+# below it); a b-bit block format spreads a block's range over 2**b - 1 levels, about 2.5 sigma / 2**b of RMS error
+# for blocks of 32 Gaussian values; the measured values sit well under these.
+TOLERANCE = {
+    "f32": 0.0, "f16": 2**-11, "bf16": 2**-8, "q8_0": 0.01, "q6_k": 0.03, "q5_1": 0.06, "q5_0": 0.06, "q5_k": 0.05,
+    "q4_1": 0.12, "q4_0": 0.12, "q4_k": 0.10,
+}
+EXPECTED_TYPE = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
+                 "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
+
+
+def _field(reader, key):
+    field = reader.fields[key]
+    value = field.contents()
+    return value
+
+
+def _hf_rows_in_llama_cpp_order(weight, n_heads):
+    """Independent statement of llama.cpp's layout: its row h*d + 2i + j holds Hugging Face row h*d + j*d/2 + i."""
+    d = weight.shape[0] // n_heads
+    order = [h * d + j * (d // 2) + i for h in range(n_heads) for i in range(d // 2) for j in range(2)]
+    return weight[order]
+
+
+def _expected(hf, config):
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    out = {"token_embd.weight": hf["model.embed_tokens.weight"], "output_norm.weight": hf["model.norm.weight"],
+           "output.weight": hf["lm_head.weight"]}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        out[f"blk.{i}.attn_q.weight"] = _hf_rows_in_llama_cpp_order(hf[f"{p}.self_attn.q_proj.weight"], heads)
+        out[f"blk.{i}.attn_k.weight"] = _hf_rows_in_llama_cpp_order(hf[f"{p}.self_attn.k_proj.weight"], kv)
+        out[f"blk.{i}.attn_v.weight"] = hf[f"{p}.self_attn.v_proj.weight"]
+        out[f"blk.{i}.attn_output.weight"] = hf[f"{p}.self_attn.o_proj.weight"]
+        out[f"blk.{i}.ffn_gate.weight"] = hf[f"{p}.mlp.gate_proj.weight"]
+        out[f"blk.{i}.ffn_up.weight"] = hf[f"{p}.mlp.up_proj.weight"]
+        out[f"blk.{i}.ffn_down.weight"] = hf[f"{p}.mlp.down_proj.weight"]
+        out[f"blk.{i}.attn_norm.weight"] = hf[f"{p}.input_layernorm.weight"]
+        out[f"blk.{i}.ffn_norm.weight"] = hf[f"{p}.post_attention_layernorm.weight"]
+    return {k: v.to(torch.float32).numpy() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("quant", sorted(TOLERANCE))
+def test_tensors_read_back_within_tolerance(llama_dir, tmp_path, quant):
+    config = json.loads((llama_dir / "config.json").read_text())
+    out = write_gguf(llama_dir, tmp_path / f"model-{quant}.gguf", quant=quant)
+    reader = gguf.GGUFReader(out)
+    expected = _expected(load_file(str(llama_dir / "model.safetensors")), config)
+    assert {t.name for t in reader.tensors} == set(expected)
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(expected[tensor.name].shape)
+        want = expected[tensor.name]
+        if want.ndim == 1:
+            assert tensor.tensor_type == Q.F32
+            np.testing.assert_array_equal(values, want)
+            continue
+        assert tensor.tensor_type == EXPECTED_TYPE[quant], tensor.name
+        error = np.sqrt(np.mean((values - want) ** 2) / np.mean(want**2))
+        assert error <= TOLERANCE[quant], (tensor.name, error)
+    assert _field(reader, "general.file_type") == int(QUANT_TYPES[quant].file_type)
+
+
+def test_metadata(llama_dir, tmp_path):
+    reader = gguf.GGUFReader(write_gguf(llama_dir, tmp_path / "m.gguf", quant="q8_0"))
+    assert _field(reader, "general.architecture") == "llama"
+    assert _field(reader, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert _field(reader, "llama.block_count") == 2
+    assert _field(reader, "llama.embedding_length") == 256
+    assert _field(reader, "llama.feed_forward_length") == 512
+    assert _field(reader, "llama.attention.head_count") == 4
+    assert _field(reader, "llama.attention.head_count_kv") == 2
+    assert _field(reader, "llama.rope.dimension_count") == 64
+    assert _field(reader, "llama.context_length") == 512
+    assert _field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
+    assert _field(reader, "llama.vocab_size") == 270
+    assert _field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert _field(reader, "tokenizer.ggml.pre") == "gpt2"
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type")
+    assert len(tokens) == len(types) == 270
+    assert tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] and types[:3] == [3, 3, 3]
+    assert tokens[3 + ord("!")] == "!" and types[3] == 1 and tokens[259] == "he"
+    assert tokens[-1] == "[PAD269]" and types[-1] == int(gguf.TokenType.UNUSED)  # embedding rows past the tokenizer
+    assert _field(reader, "tokenizer.ggml.merges") == ["h e", "he l", "Ġ t"]
+    assert _field(reader, "tokenizer.ggml.bos_token_id") == 0
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == 2
+    assert _field(reader, "tokenizer.ggml.add_bos_token") is False
+    assert _field(reader, "tokenizer.chat_template").startswith("{% for m in messages %}")
+
+
+def test_rows_that_do_not_fill_blocks_fall_back(llama_dir, tmp_path):
+    """K-quants need rows of 256: a 128-wide weight is stored as Q8_0, a 100-wide one as F16."""
+    from swiftune_export.gguf_quant_types import tensor_type
+
+    assert tensor_type(Q.Q4_K, (512, 128)) == Q.Q8_0
+    assert tensor_type(Q.Q4_K, (512, 100)) == Q.F16
+    assert tensor_type(Q.Q4_K, (512,)) == Q.F32
+
+
+def test_bad_inputs_say_what_to_do(llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="choose one of"):
+        write_gguf(llama_dir, tmp_path / "a.gguf", quant="q3_k_xl")
+    config = json.loads((llama_dir / "config.json").read_text())
+    (llama_dir / "config.json").write_text(json.dumps(dict(config, model_type="gpt_neox")))
+    with pytest.raises(ValueError, match="convert_hf_to_gguf"):
+        write_gguf(llama_dir, tmp_path / "a.gguf")
+    (llama_dir / "config.json").write_text(json.dumps(config))
+    (llama_dir / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        write_gguf(llama_dir, tmp_path / "a.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".a.gguf*"))
+
+
+def test_write_is_atomic(llama_dir, tmp_path, monkeypatch):
+    """A failure while the data is written leaves neither the file nor a partial one; an existing file is kept."""
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"old")
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("swiftune_export.gguf_export._write_data", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_gguf(llama_dir, target, overwrite=True)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "m.gguf"]
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_gguf(llama_dir, target)
