@@ -49,16 +49,33 @@ SHAPES = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(shape: str, seq: int, device: str):
+def build(shape: str, seq: int, device: str, qlora_dir: str | None = None):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        **SHAPES[shape], max_position_embeddings=max(seq, 2048), rope_theta=5e5, attn_implementation="sdpa"
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    if qlora_dir is not None:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = LlamaForCausalLM.from_pretrained(
+            qlora_dir,
+            quantization_config=quantization,
+            dtype=torch.bfloat16,
+            device_map={"": 0},
+            attn_implementation="sdpa",
+        )
+    else:
+        config = LlamaConfig(
+            **SHAPES[shape], max_position_embeddings=max(seq, 2048), rope_theta=5e5, attn_implementation="sdpa"
+        )
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
@@ -105,6 +122,7 @@ def run(system, shape, seq, batch, steps, warmup, device, qlora_dir=None) -> dic
     step_s = statistics.median(times)
     result = {
         "system": system,
+        "quant": "nf4" if qlora_dir else "bf16",
         "shape": shape,
         "seq": seq,
         "batch": batch,

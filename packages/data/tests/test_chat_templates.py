@@ -101,7 +101,9 @@ def test_qwen3_thinking_is_kept_on_the_last_reply_only_and_can_be_switched_off()
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
     assert "greet" not in rendered and "<|im_start|>assistant\nHello!<|im_end|>" in rendered
     assert rendered.endswith("<|im_start|>assistant\n<think>\nadd\n</think>\n\n4<|im_end|>\n")
-    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    prompt = tokenizer.apply_chat_template(
+        messages[:1], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 

@@ -52,3 +52,9 @@ def test_unknown_role_is_refused():
     dataset = datasets.Dataset.from_list([{"messages": [{"role": "robot", "content": "Q"}]}])
     with pytest.raises(ValueError, match="Unknown role 'robot'"):
         standardize(dataset)
+
+
+def test_raw_text_is_pointed_to_chunk_text():
+    dataset = datasets.Dataset.from_list([{"text": "Once upon a time."}])
+    with pytest.raises(ValueError, match=r"\['text'\].*preference \(chosen, rejected\).*use chunk_text\(\)"):
+        standardize(dataset)

@@ -10,7 +10,11 @@ from swiftune_data import (
 )
 from swiftune_tokenizers_fix.testing import build_chat_tokenizer
 
-SYSTEM, QUESTIONS, ANSWERS = "Be brief.", ["Where is Quillhaven?", "When was it founded?"], ["In the Sea of Marrow.", "In 1742."]
+SYSTEM, QUESTIONS, ANSWERS = (
+    "Be brief.",
+    ["Where is Quillhaven?", "When was it founded?"],
+    ["In the Sea of Marrow.", "In 1742."],
+)
 MESSAGES = [
     {"role": "system", "content": SYSTEM},
     {"role": "user", "content": QUESTIONS[0]},

@@ -1,4 +1,4 @@
-"""write_gguf read back by gguf's own reader: metadata, tensor names and types, and the data within each type's error."""
+"""write_gguf read back by gguf's own reader: metadata, tensor names and types, data within each type's error."""
 
 import json
 
@@ -17,11 +17,31 @@ Q = gguf.GGMLQuantizationType
 # below it); a b-bit block format spreads a block's range over 2**b - 1 levels, about 2.5 sigma / 2**b of RMS error
 # for blocks of 32 Gaussian values; the measured values sit well under these.
 TOLERANCE = {
-    "f32": 0.0, "f16": 2**-11, "bf16": 2**-8, "q8_0": 0.01, "q6_k": 0.03, "q5_1": 0.06, "q5_0": 0.06, "q5_k": 0.05,
-    "q4_1": 0.12, "q4_0": 0.12, "q4_k": 0.10,
+    "f32": 0.0,
+    "f16": 2**-11,
+    "bf16": 2**-8,
+    "q8_0": 0.01,
+    "q6_k": 0.03,
+    "q5_1": 0.06,
+    "q5_0": 0.06,
+    "q5_k": 0.05,
+    "q4_1": 0.12,
+    "q4_0": 0.12,
+    "q4_k": 0.10,
 }
-EXPECTED_TYPE = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
-                 "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
+EXPECTED_TYPE = {
+    "f32": Q.F32,
+    "f16": Q.F16,
+    "bf16": Q.BF16,
+    "q8_0": Q.Q8_0,
+    "q4_0": Q.Q4_0,
+    "q4_1": Q.Q4_1,
+    "q5_0": Q.Q5_0,
+    "q5_1": Q.Q5_1,
+    "q4_k": Q.Q4_K,
+    "q5_k": Q.Q5_K,
+    "q6_k": Q.Q6_K,
+}
 
 
 def _field(reader, key):
@@ -39,8 +59,11 @@ def _hf_rows_in_llama_cpp_order(weight, n_heads):
 
 def _expected(hf, config):
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    out = {"token_embd.weight": hf["model.embed_tokens.weight"], "output_norm.weight": hf["model.norm.weight"],
-           "output.weight": hf["lm_head.weight"]}
+    out = {
+        "token_embd.weight": hf["model.embed_tokens.weight"],
+        "output_norm.weight": hf["model.norm.weight"],
+        "output.weight": hf["lm_head.weight"],
+    }
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
         out[f"blk.{i}.attn_q.weight"] = _hf_rows_in_llama_cpp_order(hf[f"{p}.self_attn.q_proj.weight"], heads)

@@ -77,9 +77,14 @@ def test_kquants_beat_the_simple_quants_of_the_same_bits():
     assert q4_k < 0.08 and q6_k < 0.02  # measured 0.072 and 0.018 on Gaussian weights
 
 
-@pytest.mark.parametrize("encode,qtype", [
-    (kquants.quantize_q4_k, Q.Q4_K), (kquants.quantize_q5_k, Q.Q5_K), (kquants.quantize_q6_k, Q.Q6_K),
-])
+@pytest.mark.parametrize(
+    "encode,qtype",
+    [
+        (kquants.quantize_q4_k, Q.Q4_K),
+        (kquants.quantize_q5_k, Q.Q5_K),
+        (kquants.quantize_q6_k, Q.Q6_K),
+    ],
+)
 def test_degenerate_blocks(encode, qtype):
     w = np.zeros((4, 256), dtype=np.float32)
     w[1] = 0.5  # constant positive

@@ -2,9 +2,10 @@
 
 Within a row, ``position_ids`` restart at 0 for each sample, and each sample's first label is -100 (otherwise the
 previous sample's last token would be trained to predict it). Attention is kept inside each sample either by
-varlen metadata (``cu_seq_lens_q/k`` and ``max_length_q/k``, read by flash-attention style kernels; transformers'
-sdpa and eager paths also derive a block mask from position ids that restart) or by an explicit 4-D
-block-diagonal causal mask for sdpa and eager attention.
+varlen metadata (``cu_seq_lens_q/k`` and ``max_length_q/k``, read by flash-attention style kernels) or by an
+explicit 4-D block-diagonal causal mask for sdpa and eager attention. transformers' sdpa and eager paths also derive
+a block mask from position ids that restart, but only when no KV cache is built (``use_cache=False``): with those
+kernels, prefer the explicit mask.
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ class DataCollatorForPackedSequences:
 
     Attributes:
         max_length: the most ids per row; None packs the whole batch into one row (padding-free).
-        attention: ``"varlen"`` returns ``cu_seq_lens_q/k`` and ``max_length_q/k`` (flash-attention style kernels;
-            with sdpa or eager, transformers builds the block mask from ``position_ids``); ``"block_causal"``
-            returns a 4-D additive ``attention_mask`` for sdpa and eager attention.
+        attention: ``"varlen"`` returns ``cu_seq_lens_q/k`` and ``max_length_q/k`` for flash-attention style
+            kernels (sdpa and eager build the same block mask from ``position_ids`` only with ``use_cache=False``);
+            ``"block_causal"`` returns a 4-D additive ``attention_mask`` for sdpa and eager attention.
         pad_token_id: fills rows shorter than the longest row.
         mask_dtype: dtype of the 4-D mask; use the model's dtype (sdpa needs them to match).
 

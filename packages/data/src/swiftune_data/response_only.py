@@ -2,8 +2,9 @@
 
 The assistant turns are located by searching the token ids of the turn markers (e.g. ``<|im_start|>assistant\\n``)
 in ``input_ids``. A marker does not always tokenize the same alone and in context: byte-level BPE merges a leading
-space into the next word (`` ASSISTANT:`` is not ``ASSISTANT:`` with a space before it) and sentencepiece adds a word
-prefix. Each marker is therefore tokenized in a few contexts, and every variant is searched.
+space into the next word (`` ASSISTANT:`` is not ``ASSISTANT:`` with a space before it), GPT-2's pre-tokenizer keeps
+a trailing ``\\n\\n`` whole only at the end of a text, and sentencepiece adds a word prefix. Each marker is
+therefore tokenized in a few contexts, and every variant is searched.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from swiftune_data.tokenize import IGNORE_INDEX
 
 # Text that may precede a marker in a rendered conversation: nothing (start of text or after a special token),
 # a space (Vicuna's "... USER:"), newlines (Alpaca's "\n\n### Response:") and a word (text right before it).
-_CONTEXTS = ("",)
+_CONTEXTS = ("", " ", "\n", "\n\n", "x", "x ", "x\n", ".\n\n")
+# Text that may follow it: the reply's first word, a space, a digit or a newline. GPT-2-style pre-tokenizers split
+# "\n\n" into "\n" "\n" before a word but keep it whole at the end of the text, so the end matters too.
+_AFTER = ("", "A", "a", " a", "1", "\n", "<")
 
 
 def train_on_responses_only(
@@ -99,21 +103,31 @@ def response_only_labels(
 def marker_token_variants(tokenizer, marker: str) -> list[tuple[int, ...]]:
     """The token-id sequences ``marker`` can take in a rendered conversation, longest first.
 
-    For each context the marker is tokenized after it and the context's own tokens are cut off; when the context
-    merged into the marker's first token (a leading space), the whole tokenization is kept, so the match covers
-    that space too, which belongs to the prompt anyway.
+    The marker is tokenized between each pair of a leading and a trailing context, and the ids whose characters lie
+    inside the marker are kept. A token that also covers leading whitespace (byte-level BPE's `` ASSISTANT``) is
+    kept, since that space belongs to the prompt anyway; a token that runs past the marker's end into the reply is
+    not, so the match stops before it.
     """
     if not marker:
         raise ValueError("A turn marker is empty; pass the text that opens a user or assistant turn.")
     variants = set()
-    for context in _CONTEXTS:
-        prefix = _encode(tokenizer, context)
-        ids = _encode(tokenizer, context + marker)
-        if ids[: len(prefix)] == prefix:
-            variants.add(tuple(ids[len(prefix) :]))
-        elif not context.strip():
-            variants.add(tuple(ids))
+    for before in _CONTEXTS:
+        for after in _AFTER:
+            variants.add(_marker_ids_in_context(tokenizer, before, marker, after))
     return sorted((v for v in variants if v), key=len, reverse=True)
+
+
+def _marker_ids_in_context(tokenizer, before: str, marker: str, after: str) -> tuple[int, ...]:
+    text = before + marker + after
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    low, high = len(before), len(before) + len(marker)
+    kept = []
+    for token_id, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
+        inside = low <= start and end <= high and end > start
+        leading_space = start < low < end <= high and not text[start:low].strip()
+        if inside or leading_space:
+            kept.append(token_id)
+    return tuple(kept)
 
 
 def _encode(tokenizer, text: str) -> list[int]:

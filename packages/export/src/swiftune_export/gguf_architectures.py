@@ -75,10 +75,16 @@ def add_hyperparameters(writer: gguf.GGUFWriter, config: dict, vocab_size: int) 
     if head_dim(config) != config["hidden_size"] // heads:
         writer.add_key_length(head_dim(config))
         writer.add_value_length(head_dim(config))
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(vocab_size)
     _add_rope_scaling(writer, config)
+
+
+def rope_theta(config: dict) -> float:
+    """RoPE base: top-level in transformers 4 configs, inside ``rope_parameters`` in transformers 5 ones."""
+    parameters = config.get("rope_parameters") or {}
+    return float(config.get("rope_theta") or parameters.get("rope_theta") or 10000.0)
 
 
 def rope_scaling(config: dict) -> dict | None:
@@ -113,7 +119,7 @@ def llama3_rope_factors(config: dict) -> np.ndarray | None:
     if scaling is None or scaling.get("rope_type", scaling.get("type")) != "llama3":
         return None
     dim = head_dim(config)
-    base = float(scaling.get("rope_theta", config.get("rope_theta", 10000.0)))
+    base = rope_theta(config)
     factor = float(scaling.get("factor", 8.0))
     low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
     old_context = float(scaling.get("original_max_position_embeddings", 8192))
@@ -151,6 +157,4 @@ def permute_for_llama_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
     pairs (x[2i] with x[2i+1]). Interleaving the halves' rows makes both compute the same attention scores.
     """
     rows = weight.shape[0]
-    return (
-        weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-    )
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)

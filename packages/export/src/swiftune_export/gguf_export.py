@@ -45,6 +45,7 @@ def write_gguf(
     out_file: str | os.PathLike,
     quant: str = "f16",
     overwrite: bool = False,
+    tokenizer_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write a Llama, Mistral or Qwen2 model folder as a GGUF file that llama.cpp, Ollama and transformers read.
 
@@ -57,6 +58,7 @@ def write_gguf(
             ``q6_k`` for the 2-D weights. 1-D tensors stay F32; a weight whose rows do not fill whole blocks
             falls back to Q8_0 or F16.
         overwrite: replace an existing ``out_file``.
+        tokenizer_dir: where tokenizer.json and the chat template are, when not in ``model_dir``.
 
     Returns:
         ``out_file`` as a Path.
@@ -81,7 +83,7 @@ def write_gguf(
             writer.add_file_type(int(requested.file_type))
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             add_hyperparameters(writer, config, vocab_size)
-            add_tokenizer(writer, model_dir, vocab_size)
+            add_tokenizer(writer, Path(tokenizer_dir) if tokenizer_dir is not None else model_dir, vocab_size)
             for item in plan:
                 # The dtype given here only has to be something other than uint8: shapes are in elements.
                 writer.add_tensor_info(

@@ -41,7 +41,11 @@ def load_tokenizer_json(model_dir: Path) -> dict:
         )
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (data.get("decoder") or {}).get("type") != "ByteLevel":
+    if (
+        model.get("type") != "BPE"
+        or model.get("byte_fallback")
+        or (data.get("decoder") or {}).get("type") != "ByteLevel"
+    ):
         raise ValueError(
             "GGUF export here supports byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2 style); this tokenizer.json "
             f"is {model.get('type')} with a {(data.get('decoder') or {}).get('type')} decoder. Use llama.cpp's "

@@ -16,11 +16,14 @@ written against gguf's ``dequantize`` (llama.cpp's reading order), which is the 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 QK_K = 256
-# Blocks per numpy pass: bounds the temporaries (~16 MiB per float32 array) whatever the tensor size.
-_CHUNK_BLOCKS = 16384
+# Blocks per numpy pass: bounds the temporaries (~4 MiB per float32 array and thread) whatever the tensor size.
+_CHUNK_BLOCKS = 4096
 
 
 def quantize_q4_k(array: np.ndarray) -> np.ndarray:
@@ -44,8 +47,17 @@ def _quantize(array: np.ndarray, encode, type_size: int) -> np.ndarray:
         raise ValueError(f"K-quants need rows whose length is a multiple of {QK_K}; got shape {array.shape}.")
     blocks = array.reshape(-1, QK_K)
     out = np.empty((blocks.shape[0], type_size), dtype=np.uint8)
-    for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
+
+    def encode_chunk(start: int) -> None:
         out[start : start + _CHUNK_BLOCKS] = encode(blocks[start : start + _CHUNK_BLOCKS])
+
+    starts = range(0, blocks.shape[0], _CHUNK_BLOCKS)
+    if len(starts) == 1:
+        encode_chunk(0)
+    else:
+        # numpy releases the GIL in its array loops, so threads over chunks use every core.
+        with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1)) as pool:
+            list(pool.map(encode_chunk, starts))
     return out.reshape(*array.shape[:-1], array.shape[-1] // QK_K * type_size)
 
 

@@ -24,11 +24,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-# Offload a layer input when it holds at least this many elements (batch x seq x hidden). A GUESS until
-# benchmarks/bench_offloaded_checkpoint.py has run on an H100: 2048 tokens at hidden 4096 (16 MiB in bf16 per
-# layer), below which the per-layer copies and events cost more than the memory they free is worth. The benchmark
-# prints the measured crossover as ``recommended_min_elements``.
-OFFLOAD_MIN_ELEMENTS = 2048 * 4096
+# Offload a layer input when it holds at least this many elements (batch x seq x hidden). Measured on an H100
+# (2026-11-23, docs/BENCHMARKS.md, 8B-shaped layers): from 512 tokens at hidden 4096 on, offloaded checkpointing
+# ran within 3% of plain recomputation (the copies hide behind the layer's compute), so shorter inputs, where the
+# per-layer copy and events are not hidden, keep plain recomputation.
+OFFLOAD_MIN_ELEMENTS = 512 * 4096
 POLICIES = ("auto", "offload", "recompute")
 # Keyword arguments through which transformers layers write a KV cache: a recompute would write it twice.
 _CACHE_KWARGS = {"use_cache": False, "past_key_values": None, "past_key_value": None, "layer_past": None}
