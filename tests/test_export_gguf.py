@@ -157,3 +157,39 @@ def test_rope_theta_and_llama3_scaling(tmp_path):
     assert reader.fields["llama.rope.freq_base"].contents() == 500000.0
     rope = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
     np.testing.assert_array_equal(rope.data, factors)
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_split_regex_tokenizers_read_back(tmp_path, pre):
+    """Llama-3 and Qwen2 tokenizers split text with a regex before BPE; the GGUF names it and a reader must split alike
+    (they differ on digits: groups of up to three versus single digits)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from swiftune_export.gguf_tokenizer import _PRE_TOKENIZER_REGEXES
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_PRE_TOKENIZER_REGEXES[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = ["In 1742 the 12345 islanders didn't leave; they'll stay.", "Quillhaven's 2026 census: 987654 fish."]
+    backend.train_from_iterator(corpus * 8, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    folder = tmp_path / "model"
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    path = write_gguf(folder, tmp_path / "g" / "m.gguf", quant="f16")
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == pre
+    read = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in corpus + ["I'd pay 1234567 for it!\n\n  ok"]:
+        assert read(text).input_ids == tokenizer(text).input_ids, text

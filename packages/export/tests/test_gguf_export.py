@@ -164,3 +164,24 @@ def test_write_is_atomic(llama_dir, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "m.gguf"]
     with pytest.raises(FileExistsError, match="overwrite=True"):
         write_gguf(llama_dir, target)
+
+
+def test_tokenizers_llama_cpp_would_split_differently_are_refused(llama_dir, tmp_path):
+    data = json.loads((llama_dir / "tokenizer.json").read_text())
+    split = {"type": "Split", "pattern": {"Regex": r"\w+|\s"}, "behavior": "Isolated", "invert": False}
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, {"type": "ByteLevel", "use_regex": False}]}
+    (llama_dir / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="split text differently"):
+        write_gguf(llama_dir, tmp_path / "a.gguf")
+    data["model"]["byte_fallback"] = True  # a sentencepiece-style BPE (Llama 2, Mistral v0.1)
+    (llama_dir / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="sentencepiece"):
+        write_gguf(llama_dir, tmp_path / "a.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_more_tokens_than_embedding_rows_is_refused(llama_dir, tmp_path):
+    config = json.loads((llama_dir / "config.json").read_text())
+    (llama_dir / "config.json").write_text(json.dumps(dict(config, vocab_size=100)))
+    with pytest.raises(ValueError, match="resize the model's embeddings"):
+        write_gguf(llama_dir, tmp_path / "a.gguf")

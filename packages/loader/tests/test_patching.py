@@ -87,3 +87,44 @@ def test_unknown_architecture_is_refused():
 
 def test_every_spec_names_its_own_model_type():
     assert all(key == spec.model_type for key, spec in SPECS.items())
+
+
+def _peft(model, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # init_lora_weights=False: B is random too, so the adapters change the outputs and get every gradient.
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)
+    torch.manual_seed(3)
+    return get_peft_model(model, config)
+
+
+def test_fused_lora_path_matches_peft_and_is_taken(monkeypatch):
+    import swiftune_loader.patching.forwards as forwards
+
+    plain, fast = _peft(_model("llama")), _peft(_model("llama"))
+    patch_model(fast.get_base_model())
+    calls = []
+    for name in ("lora_mlp", "lora_qkv", "lora_linear"):
+        original = getattr(forwards, name)
+        monkeypatch.setattr(forwards, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    ids = torch.randint(1, SMALL["vocab_size"], (2, 9))
+    ref_logits, ref_grads = _loss_and_grads(plain, ids)
+    logits, grads = _loss_and_grads(fast, ids)
+    layers = SMALL["num_hidden_layers"]
+    assert sorted(set(calls)) == ["lora_linear", "lora_mlp", "lora_qkv"] and len(calls) == 3 * layers
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys() and all("lora_" in name for name in grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+    # With the adapters switched off, the fused path steps aside and the base model is computed.
+    with fast.disable_adapter(), plain.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, plain(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_with_dropout_keeps_peft_layers():
+    from swiftune_loader.patching.lora_parts import lora_parts
+
+    model = _peft(_model("llama"), dropout=0.1)
+    assert lora_parts(model.get_base_model().model.layers[0].mlp.gate_proj) is None
+    assert lora_parts(_peft(_model("llama")).get_base_model().model.layers[0].mlp.gate_proj) is not None

@@ -120,7 +120,7 @@ def _plan(
 
 
 def _write_data(
-    writer: gguf.GGUFWriter, plan: list[_PlannedTensor], files: list[Path], config: dict, architecture
+    writer: gguf.GGUFWriter, plan: list[_PlannedTensor], files: list[Path], config: dict, architecture: GGUFArchitecture
 ) -> None:
     by_name = {item.hf_name: item for item in plan}
     if plan and plan[0].hf_name is None:
@@ -132,7 +132,6 @@ def _write_data(
         array = tensor.to(torch.float32).numpy()
         array = _for_llama_cpp(name, array, config, architecture)
         writer.write_tensor_data(quantize(array, item.qtype))
-        del array
 
 
 def _for_llama_cpp(name: str, array: np.ndarray, config: dict, architecture: GGUFArchitecture) -> np.ndarray:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from swiftune_kernels import apply_rotary_pos_emb, gated_activation
+from swiftune_kernels import apply_rotary_pos_emb, gated_activation, lora_linear, lora_mlp, lora_qkv
+from swiftune_loader.patching.lora_parts import fusable_input, lora_parts
 
 
 def attention_forward(
@@ -17,9 +18,15 @@ def attention_forward(
     """Llama-family attention with RoPE applied to q and k in one swiftune kernel launch."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    qkv = [lora_parts(self.q_proj), lora_parts(self.k_proj), lora_parts(self.v_proj)]
+    if fusable_input(hidden_states, qkv):
+        # One input for three LoRA projections: saved once, one fused backward.
+        query, key, value = lora_qkv(hidden_states, *_flat(qkv))
+    else:
+        query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    query = query.view(hidden_shape).transpose(1, 2)
+    key = key.view(hidden_shape).transpose(1, 2)
+    value = value.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if past_key_values is not None:
@@ -36,12 +43,25 @@ def attention_forward(
         sliding_window=_sliding_window(self),
         **kwargs,
     )
-    return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+    output = output.reshape(*input_shape, -1).contiguous()
+    o_parts = lora_parts(self.o_proj)
+    if fusable_input(output, [o_parts]):
+        return lora_linear(output, *_flat([o_parts])), weights
+    return self.o_proj(output), weights
 
 
 def gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """down(act(gate(x)) * up(x)) with the activation and product in one swiftune kernel."""
+    """down(act(gate(x)) * up(x)): the fused LoRA MLP when all three projections allow it, else the projections
+    as they are with the activation and product in one swiftune kernel."""
+    parts = [lora_parts(self.gate_proj), lora_parts(self.up_proj), lora_parts(self.down_proj)]
+    if fusable_input(x, parts):
+        return lora_mlp(x, *_flat(parts), activation=self._swiftune_activation)
     return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), self._swiftune_activation))
+
+
+def _flat(parts) -> list:
+    """(W, A, B, s) of each projection, one after the other, as the fused LoRA functions take them."""
+    return [item for p in parts for item in (p.weight, p.a, p.b, p.scale)]
 
 
 def _sliding_window(attention) -> int | None:
