@@ -62,3 +62,67 @@ def test_train_then_export_gives_a_model_plain_transformers_loads(tiny_model_dir
     )
     generated = merged_model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_export_to_gguf_and_lora_from_a_trained_adapter(tiny_model_dir, tiny_dataset, tmp_path, capsys):
+    import gguf
+
+    from swiftune_export.safetensors_files import iter_tensors, weight_files
+
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(tiny_dataset),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--max-seq-length",
+                "64",
+                "--question",
+                "hi",
+            ]
+        )
+        == 0
+    )
+    adapter = out / "adapter"
+    assert (
+        main(
+            [
+                "export",
+                "--adapter",
+                str(adapter),
+                "--out",
+                str(tmp_path / "gguf"),
+                "--method",
+                "gguf",
+                "--quant",
+                "f32",
+                "--quant",
+                "q8_0",
+            ]
+        )
+        == 0
+    )
+    files = sorted(p.name for p in (tmp_path / "gguf").iterdir())
+    assert "model-f32.gguf" in files and "model-q8_0.gguf" in files and "Modelfile" in files
+    # An independent reader sees the merged embedding exactly in the F32 file.
+    reader = gguf.GGUFReader(str(tmp_path / "gguf" / "model-f32.gguf"))
+    assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = dict(iter_tensors(weight_files(tmp_path / "merged")))
+    token_embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert (
+        token_embd.data.reshape(merged["model.embed_tokens.weight"].shape)
+        == merged["model.embed_tokens.weight"].float().numpy()
+    ).all()
+    assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "lora"), "--method", "lora"]) == 0
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "x"), "--quant", "q8_0"]) == 1
+    assert "--quant applies to --method gguf only" in capsys.readouterr().err
