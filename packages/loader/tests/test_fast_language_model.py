@@ -95,3 +95,20 @@ def test_unknown_architecture_warns_and_loads_plainly(tmp_path, caplog):
         model, _ = FastLanguageModel.from_pretrained(tmp_path, fast_path=True)
     assert model._swiftune_patch is None
     assert "No swiftune fast path for model_type='gpt2'" in caplog.text
+
+
+def test_offloaded_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_model_dir):
+    ids = torch.tensor([[1, 7, 42, 9, 13, 2]])
+    grads = {}
+    for mode in (False, "offload"):
+        model, _ = FastLanguageModel.from_pretrained(tiny_model_dir)
+        torch.manual_seed(0)
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=mode, init_lora_weights=False)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        layers = model.get_base_model().model.layers
+        assert ("forward" in layers[0].__dict__) == (mode == "offload")
+        assert not model.get_base_model().is_gradient_checkpointing  # transformers' own checkpointing stays off
+    assert grads[False].keys() == grads["offload"].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads["offload"][name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from swiftune_kernels import apply_offloaded_checkpointing
 from swiftune_loader.model_path import resolve_model_path
 from swiftune_loader.precision import resolve_device_map, resolve_dtype
 
@@ -128,7 +129,8 @@ class FastLanguageModel:
             lora_alpha: LoRA scaling numerator (scale = lora_alpha / r, or / sqrt(r) with use_rslora).
             lora_dropout: dropout on the adapter input.
             bias: "none", "all" or "lora_only", as in peft.
-            use_gradient_checkpointing: True, False or "offload"; None keeps what from_pretrained was given.
+            use_gradient_checkpointing: True (recompute each decoder layer in backward), "offload" (also move each
+                layer's input to pinned CPU memory until backward), False, or None to keep from_pretrained's choice.
             random_state: seed for the adapter initialisation.
             use_rslora: rank-stabilised scaling.
             modules_to_save: extra modules trained in full and saved with the adapter (e.g. ["lm_head"]).
@@ -158,8 +160,12 @@ class FastLanguageModel:
         quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
         if quantized:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(checkpointing))
+        elif checkpointing == "offload" and _decoder_layers(model) is not None:
+            # Each decoder layer's input goes to pinned CPU memory during forward and comes back ahead of backward,
+            # where the input is large enough for that to pay (swiftune_kernels.checkpoint_policy); the layer is
+            # recomputed either way. Under no_grad (generation) the layers run as they are.
+            model._swiftune_offload = apply_offloaded_checkpointing(_decoder_layers(model), policy="auto")
         elif checkpointing:
-            # Offloaded checkpointing arrives with the kernels; until then "offload" means plain recomputation.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         config = LoraConfig(
@@ -220,6 +226,12 @@ def _apply_fast_path(model, fast_path: bool | None):
         )
         return None
     return patch_model(model, spec)
+
+
+def _decoder_layers(model):
+    """The decoder layers of a transformers causal LM (``model.model.layers``), or None when it has none."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
 def _unwrap(model):
