@@ -58,3 +58,10 @@ def test_raw_text_is_pointed_to_chunk_text():
     dataset = datasets.Dataset.from_list([{"text": "Once upon a time."}])
     with pytest.raises(ValueError, match=r"\['text'\].*preference \(chosen, rejected\).*use chunk_text\(\)"):
         standardize(dataset)
+
+
+@pytest.mark.parametrize("empty", ["", "   \n"])
+def test_empty_turn_is_refused(empty):
+    row = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": empty}]}
+    with pytest.raises(ValueError, match="empty assistant turn \\(turn 2 of 2\\)"):
+        standardize(datasets.Dataset.from_list([row]))

@@ -174,3 +174,23 @@ def test_bad_collator_arguments():
         DataCollatorForPackedSequences()([])
     with pytest.raises(ValueError, match="input ids and .* labels"):
         pack_sequences([{"input_ids": [1, 2], "labels": [1]}])
+
+
+def test_packed_gradients_equal_the_samples_run_one_by_one(tokenizer, examples):
+    model = _tiny_llama(tokenizer, "eager").train()
+    batch = DataCollatorForPackedSequences(attention="block_causal")(examples)
+
+    def summed_loss(logits, labels):
+        return torch.nn.functional.cross_entropy(
+            logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+    logits = model(**{k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}).logits
+    summed_loss(logits, batch["labels"]).backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for example in examples:
+        alone = model(input_ids=torch.tensor([example["input_ids"]])).logits
+        summed_loss(alone, torch.tensor([example["labels"]])).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(packed[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)

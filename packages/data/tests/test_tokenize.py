@@ -56,3 +56,11 @@ def test_tokenizer_without_chat_template_is_an_error(tokenizer):
     dataset = datasets.Dataset.from_list([{"messages": [{"role": "assistant", "content": "A"}]}])
     with pytest.raises(ValueError, match="no chat template"):
         tokenize_conversations(dataset, bare, 32)
+
+
+def test_truncated_conversations_are_counted(tokenizer, caplog):
+    long = {"messages": [{"role": "user", "content": "Q " * 50}, {"role": "assistant", "content": "A " * 50}]}
+    short = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    with caplog.at_level("WARNING", logger="swiftune_data"):
+        tokenize_conversations(datasets.Dataset.from_list([long, short, long]), tokenizer, 64)
+    assert "2 of 3 conversations were longer than max_length=64 tokens and were truncated" in caplog.text

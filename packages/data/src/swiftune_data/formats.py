@@ -58,6 +58,12 @@ def standardize(dataset: Dataset) -> Dataset:
 
 
 def _validated(messages: list[dict]) -> list[dict]:
+    for index, message in enumerate(messages):
+        if not message["content"].strip():
+            raise ValueError(
+                f"A conversation has an empty {message['role']} turn (turn {index + 1} of {len(messages)}): an empty "
+                "turn trains the model to answer with nothing; remove the turn or fill it."
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(
             "A conversation has no assistant turn, so there is nothing to learn from it: "

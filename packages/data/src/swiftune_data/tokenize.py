@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from datasets import Dataset
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -32,9 +36,19 @@ def tokenize_conversations(
 
     def encode(row):
         ids, labels = _encode_conversation(tokenizer, row["messages"], train_on_responses_only)
-        return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+        return {"input_ids": ids[:max_length], "labels": labels[:max_length], "_truncated": len(ids) > max_length}
 
     tokenized = dataset.map(encode, remove_columns=dataset.column_names)
+    truncated = sum(tokenized["_truncated"])
+    tokenized = tokenized.remove_columns("_truncated")
+    if truncated:
+        logger.warning(
+            "%d of %d conversations were longer than max_length=%d tokens and were truncated; raise max_length to "
+            "keep their ends.",
+            truncated,
+            len(tokenized),
+            max_length,
+        )
     trainable = sum(sum(1 for label in row if label != IGNORE_INDEX) for row in tokenized["labels"])
     if trainable == 0:
         raise ValueError(
