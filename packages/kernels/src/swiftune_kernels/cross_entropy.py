@@ -1,13 +1,13 @@
 """Cross-entropy over large vocabularies, with the logits gradient computed in the forward pass.
 
-One program per row walks the vocabulary in blocks twice: an online max / log-sum-exp pass for the loss, then a
-pass that writes the gradient (softmax - onehot, times the chain rule of scaling and soft-capping, times the row's
-share of the reduction), optionally into the logits buffer itself. With 32 warps one program is resident per SM, so
-the rows in flight fit in L2 (33 MiB at V = 128256), and the second pass walks the blocks in reverse so that the
-blocks read last by the first pass, the likeliest still in L2, are read first; eviction hints keep a row in L2
-until its gradient pass and drop it after (11% less time on an H100 at V = 128256): DRAM sees about one read and one write of the logits. No float32
-copy of the logits is ever made; the backward pass only scales the stored gradient by grad_output and skips that
-entirely (without a host sync) where grad_output is 1.
+One program per row walks the vocabulary in blocks twice: an online max / log-sum-exp pass for the loss, then a pass
+that writes the gradient (softmax - onehot, times the chain rule of scaling and soft-capping, times the row's share
+of the reduction), optionally into the logits buffer itself. With 32 warps one program is resident per SM, so the
+rows in flight fit in L2 (33 MiB at V = 128256), and the second pass walks the blocks in reverse so that the blocks
+read last by the first pass, the likeliest still in L2, are read first; eviction hints keep a row in L2 until its
+gradient pass and drop it after (11% less time on an H100 at V = 128256): DRAM sees about one read and one write of
+the logits. No float32 copy of the logits is ever made; the backward pass only scales the stored gradient by
+grad_output and skips that entirely (without a host sync) where grad_output is 1.
 """
 
 from __future__ import annotations
