@@ -91,3 +91,15 @@ def copy_ceiling_ms(fn, on_gpu: bool, smoke: bool) -> float:
         ms, info = time_ms(fn, on_gpu, smoke)
         times += [ms, info.get("ms_do_bench", ms)]
     return min(times)
+
+
+def copy_bandwidth_gbps(device, on_gpu: bool, smoke: bool) -> float:
+    """The ceiling: GB/s of a large device-to-device ``copy_`` (read + write counted), timed by
+    :func:`copy_ceiling_ms`."""
+    import torch
+
+    numel = (1 << 20) if smoke else (1 << 28)  # 512 MiB of bf16 per tensor on the GPU
+    src = torch.randn(numel, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = copy_ceiling_ms(lambda: dst.copy_(src), on_gpu, smoke)
+    return 2 * src.numel() * src.element_size() / ms / 1e6

@@ -20,7 +20,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _timing import copy_ceiling_ms, time_ms
+from _timing import copy_bandwidth_gbps, time_ms
 
 
 def hf_cross_entropy(logits, targets, softcap=None):
@@ -49,20 +49,6 @@ def _providers(softcap):
     except ImportError:
         pass
     return providers
-
-
-def _time_ms(fn, on_gpu: bool, smoke: bool, graph: bool = True) -> tuple[float, dict]:
-    # CUDA-graph GPU time (do_bench kept in the row as ms_do_bench); see _timing.py for why.
-    return time_ms(fn, on_gpu, smoke, graph)
-
-
-def copy_bandwidth_gbps(device: torch.device, on_gpu: bool, smoke: bool) -> float:
-    """The ceiling: GB/s of a large device-to-device ``copy_`` (read + write counted)."""
-    numel = (1 << 20) if smoke else (1 << 28)  # 512 MiB of bf16 per tensor on the GPU
-    src = torch.randn(numel, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = copy_ceiling_ms(lambda: dst.copy_(src), on_gpu, smoke)
-    return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
 def make_inputs(rows, vocab, dtype, device):
@@ -112,7 +98,7 @@ def measure(provider, fn, rows, vocab, dtype, device, on_gpu, smoke, copy_gbps, 
         # leave gradients in the buffer, which the next call reads as logits: the work does not depend on values.
         torch.autograd.grad(fn(base.view_as(base), targets), [base])
 
-    ms, timing = _time_ms(step, on_gpu, smoke)
+    ms, timing = time_ms(step, on_gpu, smoke)
     # Extra peak includes the (N, V) gradient that eager and inplace=False return; in-place providers return the
     # logits buffer itself.
     return _row(
@@ -129,7 +115,7 @@ def sweep(rows, vocab, dtype, device, on_gpu, smoke, copy_gbps, softcap):
     configs = [(128, 4)] if smoke else [(16384, 32), (32768, 32), (None, None)]
     out = []
     for block_v, num_warps in configs:
-        ms, timing = _time_ms(
+        ms, timing = time_ms(
             lambda bv=block_v, nw=num_warps: cross_entropy_forward(
                 logits, targets, weight, softcap=softcap, grad=logits, block_v=bv, num_warps=nw
             ),

@@ -19,7 +19,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _timing import copy_ceiling_ms, time_ms
+from _timing import copy_bandwidth_gbps, time_ms
 
 EAGER = {
     "swiglu": lambda gate, up: F.silu(gate) * up,  # ACT2FN["silu"] = nn.SiLU
@@ -54,20 +54,6 @@ def _providers(op: str):
     return providers
 
 
-def _time_ms(fn, on_gpu: bool, smoke: bool, graph: bool = True) -> tuple[float, dict]:
-    # CUDA-graph GPU time (do_bench kept in the row as ms_do_bench); see _timing.py for why.
-    return time_ms(fn, on_gpu, smoke, graph)
-
-
-def copy_bandwidth_gbps(device: torch.device, on_gpu: bool, smoke: bool) -> float:
-    """The ceiling: GB/s of a large device-to-device ``copy_`` (read + write counted)."""
-    numel = (1 << 20) if smoke else (1 << 28)  # 512 MiB of bf16 per tensor on the GPU
-    src = torch.randn(numel, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = copy_ceiling_ms(lambda: dst.copy_(src), on_gpu, smoke)
-    return 2 * src.numel() * src.element_size() / ms / 1e6
-
-
 def _relerr(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -93,7 +79,7 @@ def measure(op, provider, fn, rows, cols, device, on_gpu, smoke, copy_gbps):
     def step():
         torch.autograd.grad(fn(gate, up), (gate, up), dh)
 
-    ms, timing = _time_ms(step, on_gpu, smoke)
+    ms, timing = time_ms(step, on_gpu, smoke)
     extra_mb = None
     if on_gpu:
         torch.cuda.synchronize()

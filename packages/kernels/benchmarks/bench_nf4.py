@@ -19,7 +19,7 @@ import os
 import sys
 
 import torch
-from _timing import time_ms
+from _timing import copy_bandwidth_gbps, time_ms
 
 
 def _quantize(weight: torch.Tensor, nested: bool):
@@ -47,15 +47,6 @@ def _providers(on_gpu: bool):
         pass
     providers["ours"] = dequantize_nf4
     return providers
-
-
-def copy_bandwidth_gbps(device: torch.device, on_gpu: bool, smoke: bool) -> float:
-    """The ceiling: GB/s of a large device-to-device ``copy_`` (read + write counted)."""
-    numel = (1 << 20) if smoke else (1 << 28)
-    src = torch.randn(numel, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms, _ = time_ms(lambda: dst.copy_(src), on_gpu, smoke)
-    return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
 def measure(provider, fn, packed, state, shape, nested, device, on_gpu, smoke, copy_gbps, source):

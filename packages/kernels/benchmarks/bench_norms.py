@@ -18,7 +18,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _timing import copy_ceiling_ms, time_ms
+from _timing import copy_bandwidth_gbps, time_ms
 
 EPS_RMS = 1e-6
 EPS_LN = 1e-5
@@ -71,20 +71,6 @@ def _providers(op: str):
     return providers
 
 
-def _time_ms(fn, on_gpu: bool, smoke: bool, graph: bool = True) -> tuple[float, dict]:
-    # CUDA-graph GPU time (do_bench kept in the row as ms_do_bench); see _timing.py for why.
-    return time_ms(fn, on_gpu, smoke, graph)
-
-
-def copy_bandwidth_gbps(device: torch.device, on_gpu: bool, smoke: bool) -> float:
-    """The ceiling: GB/s of a large device-to-device ``copy_`` (read + write counted)."""
-    numel = (1 << 20) if smoke else (1 << 28)  # 512 MiB of bf16 per tensor on the GPU
-    src = torch.randn(numel, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = copy_ceiling_ms(lambda: dst.copy_(src), on_gpu, smoke)
-    return 2 * src.numel() * src.element_size() / ms / 1e6
-
-
 def measure(op, provider, fn, rows, hidden, dtype, trainable, device, on_gpu, smoke, copy_gbps):
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen).requires_grad_()
@@ -99,7 +85,7 @@ def measure(op, provider, fn, rows, hidden, dtype, trainable, device, on_gpu, sm
         # autograd.grad rather than .backward(): no accumulation into .grad to time as well.
         torch.autograd.grad(fn(x, *params), wrt, dy)
 
-    ms, timing = _time_ms(step, on_gpu, smoke)
+    ms, timing = time_ms(step, on_gpu, smoke)
     extra_mb = None
     if on_gpu:
         torch.cuda.synchronize()
