@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from swiftune_loader.architectures import llama, mistral, qwen2
+from swiftune_loader.architectures import gemma, llama, mistral, qwen2, qwen3
 from swiftune_loader.architectures.spec import ArchitectureSpec
 
-SPECS: dict[str, ArchitectureSpec] = {module.SPEC.model_type: module.SPEC for module in (llama, mistral, qwen2)}
+SPECS: dict[str, ArchitectureSpec] = {
+    module.SPEC.model_type: module.SPEC for module in (llama, mistral, qwen2, qwen3, gemma)
+}
 
 
 def spec_for(model_type: str) -> ArchitectureSpec | None:

@@ -16,8 +16,10 @@ class ArchitectureSpec:
         norm_casting: "llama" (normalise in float32, cast, then scale) or "gemma" (scale in float32, then cast).
         attention_class_names: class names of the attention modules whose RoPE runs through swiftune's kernel.
         mlp_class_names: class names of the gated MLP modules (gate_proj, up_proj, down_proj).
-        activation: the gate activation: "silu" (SwiGLU), "gelu" or "gelu_tanh" (GeGLU).
+        activation: the gate activation when the config does not name one: "silu" (SwiGLU), "gelu" or
+            "gelu_tanh" (GeGLU). The config's ``hidden_activation`` / ``hidden_act`` wins when present.
         rope: "rotate_half" or "interleaved".
+        qk_norm: an RMSNorm over each head of q and k before RoPE (Qwen3).
     """
 
     model_type: str
@@ -28,3 +30,4 @@ class ArchitectureSpec:
     mlp_class_names: tuple[str, ...]
     activation: str
     rope: str = "rotate_half"
+    qk_norm: bool = False

@@ -39,6 +39,7 @@ class PatchHandle:
         for module in self.bound:
             module.__dict__.pop("forward", None)
             module.__dict__.pop("_swiftune_activation", None)
+            module.__dict__.pop("_swiftune_qk_norm", None)
         self.swapped.clear()
         self.bound.clear()
 
@@ -59,6 +60,7 @@ def patch_model(model: torch.nn.Module, spec: ArchitectureSpec | None = None) ->
         if spec is None:
             raise ValueError(f"swiftune has no fast path for model_type={model_type!r}.")
     handle = PatchHandle(spec=spec)
+    activation = _activation(getattr(model, "config", None), spec)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child).__name__ in spec.norm_class_names:
@@ -67,14 +69,35 @@ def patch_model(model: torch.nn.Module, spec: ArchitectureSpec | None = None) ->
     for module in model.modules():
         class_name = type(module).__name__
         if class_name in spec.attention_class_names and spec.rope == "rotate_half":
+            module._swiftune_qk_norm = spec.qk_norm
             module.forward = types.MethodType(attention_forward, module)
             handle.bound.append(module)
-        elif class_name in spec.mlp_class_names:
-            module._swiftune_activation = spec.activation
+        elif class_name in spec.mlp_class_names and activation is not None:
+            module._swiftune_activation = activation
             module.forward = types.MethodType(gated_mlp_forward, module)
             handle.bound.append(module)
     logger.info("swiftune fast path for %s: %s", spec.model_type, handle.counts)
     return handle
+
+
+# transformers' activation names -> the gated activations of swiftune_kernels.
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+}
+
+
+def _activation(config, spec: ArchitectureSpec) -> str | None:
+    """The gate activation the config asks for (None: one the kernels do not have, so MLPs stay as they are)."""
+    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if name is None:
+        return spec.activation
+    if name not in _ACTIVATIONS:
+        logger.warning("No fused kernel for the activation %r: the MLPs keep transformers' code.", name)
+    return _ACTIVATIONS.get(name)
 
 
 def _fast_norm(original: torch.nn.Module, spec: ArchitectureSpec) -> RMSNorm:

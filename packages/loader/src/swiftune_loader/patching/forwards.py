@@ -24,8 +24,10 @@ def attention_forward(
         query, key, value = lora_qkv(hidden_states, *_flat(qkv))
     else:
         query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-    query = query.view(hidden_shape).transpose(1, 2)
-    key = key.view(hidden_shape).transpose(1, 2)
+    query, key = query.view(hidden_shape), key.view(hidden_shape)
+    if self._swiftune_qk_norm:
+        query, key = self.q_norm(query), self.k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)
     value = value.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
