@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from swiftune_kernels.modules import RMSNorm
 from swiftune_loader.architectures import SPECS
@@ -25,6 +34,11 @@ CONFIGS = {
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
     "gemma": GemmaConfig,
+    # Soft-capping on (attention 50, final logits 30, as Gemma 2 ships) and a sliding-window layer.
+    "gemma2": lambda **kw: Gemma2Config(
+        **kw, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4, attn_implementation="eager"
+    ),
+    "gemma3_text": lambda **kw: Gemma3TextConfig(**kw, sliding_window=4, attn_implementation="eager"),
 }
 
 
@@ -137,3 +151,20 @@ def test_lora_with_dropout_keeps_peft_layers():
     model = _peft(_model("llama"), dropout=0.1)
     assert lora_parts(model.get_base_model().model.layers[0].mlp.gate_proj) is None
     assert lora_parts(_peft(_model("llama")).get_base_model().model.layers[0].mlp.gate_proj) is not None
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_fused_loss_equals_transformers_loss(model_type):
+    from swiftune_loader.patching import fused_causal_lm_loss
+
+    model = _model(model_type)
+    ids = torch.randint(1, SMALL["vocab_size"], (2, 11))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    # Gemma 2's final logit soft-capping (30.0 in CONFIGS) must be applied by the fused loss as transformers does.
+    torch.testing.assert_close(
+        fused_causal_lm_loss(model, {"input_ids": ids, "labels": labels}),
+        model(input_ids=ids, labels=labels).loss,
+        atol=1e-5,
+        rtol=1e-5,
+    )

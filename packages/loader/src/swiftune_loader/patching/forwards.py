@@ -43,6 +43,7 @@ def attention_forward(
         dropout=0.0 if not self.training else self.attention_dropout,
         scaling=self.scaling,
         sliding_window=_sliding_window(self),
+        **_softcap(self),
         **kwargs,
     )
     output = output.reshape(*input_shape, -1).contiguous()
@@ -82,3 +83,9 @@ def _attention_interface(implementation: str):
     if get_interface is not None:
         return get_interface(implementation, eager_attention_forward)
     return eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def _softcap(attention) -> dict:
+    # Gemma 2 and 3 soft-cap the attention logits; the other families take no such argument.
+    softcap = getattr(attention, "attn_logit_softcapping", None)
+    return {} if softcap is None else {"softcap": softcap}
