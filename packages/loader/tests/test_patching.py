@@ -7,6 +7,7 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
@@ -39,6 +40,10 @@ CONFIGS = {
         **kw, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4, attn_implementation="eager"
     ),
     "gemma3_text": lambda **kw: Gemma3TextConfig(**kw, sliding_window=4, attn_implementation="eager"),
+    # Granite's multipliers away from 1, so that each one is exercised.
+    "granite": lambda **kw: GraniteConfig(
+        **kw, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0
+    ),
 }
 
 

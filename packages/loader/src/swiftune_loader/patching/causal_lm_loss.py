@@ -54,7 +54,17 @@ def fused_causal_lm_loss(model, inputs: dict, num_items_in_batch=None) -> torch.
         targets.reshape(-1),
         lm_head.bias,
         ignore_index=IGNORE_INDEX,
-        logit_scale=getattr(config, "logit_scale", None),
+        logit_scale=_logit_scale(config),
         softcap=getattr(config, "final_logit_softcapping", None),
         num_items_in_batch=num_items_in_batch,
     )
+
+
+def _logit_scale(config) -> float | None:
+    """The factor transformers applies to the logits: Cohere multiplies by ``logit_scale``, Granite divides by
+    ``logits_scaling``; None for the others."""
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        return float(scale)
+    divisor = getattr(config, "logits_scaling", None)
+    return None if divisor in (None, 1, 1.0) else 1.0 / float(divisor)
