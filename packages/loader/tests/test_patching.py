@@ -10,6 +10,7 @@ from transformers import (
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
 )
@@ -44,6 +45,8 @@ CONFIGS = {
     "granite": lambda **kw: GraniteConfig(
         **kw, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0
     ),
+    # Partial rotary dimensions (half of each head rotates) and a sliding window.
+    "phi3": lambda **kw: Phi3Config(**kw, partial_rotary_factor=0.5, sliding_window=4),
 }
 
 
@@ -117,20 +120,33 @@ def test_every_spec_names_its_own_model_type():
     assert all(key == spec.model_type for key, spec in SPECS.items())
 
 
-def _peft(model, dropout=0.0):
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+# Fused LoRA calls expected per decoder layer.
+FUSED_CALLS = {
+    "llama": {"lora_qkv": 1, "lora_linear": 1, "lora_mlp": 1},
+    "phi3": {"lora_linear": 4},
+}
+
+
+def _peft(model, dropout=0.0, model_type="llama"):
     from peft import LoraConfig, get_peft_model
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     # init_lora_weights=False: B is random too, so the adapters change the outputs and get every gradient.
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=LORA_TARGETS[model_type], init_lora_weights=False
+    )
     torch.manual_seed(3)
     return get_peft_model(model, config)
 
 
-def test_fused_lora_path_matches_peft_and_is_taken(monkeypatch):
+@pytest.mark.parametrize("model_type", sorted(LORA_TARGETS))
+def test_fused_lora_path_matches_peft_and_is_taken(monkeypatch, model_type):
     import swiftune_loader.patching.forwards as forwards
 
-    plain, fast = _peft(_model("llama")), _peft(_model("llama"))
+    plain, fast = _peft(_model(model_type), model_type=model_type), _peft(_model(model_type), model_type=model_type)
     patch_model(fast.get_base_model())
     calls = []
     for name in ("lora_mlp", "lora_qkv", "lora_linear"):
@@ -140,7 +156,9 @@ def test_fused_lora_path_matches_peft_and_is_taken(monkeypatch):
     ref_logits, ref_grads = _loss_and_grads(plain, ids)
     logits, grads = _loss_and_grads(fast, ids)
     layers = SMALL["num_hidden_layers"]
-    assert sorted(set(calls)) == ["lora_linear", "lora_mlp", "lora_qkv"] and len(calls) == 3 * layers
+    assert {name: calls.count(name) for name in set(calls)} == {
+        name: count * layers for name, count in FUSED_CALLS[model_type].items()
+    }
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert grads.keys() == ref_grads.keys() and all("lora_" in name for name in grads)
     for name in ref_grads:

@@ -20,6 +20,8 @@ class ArchitectureSpec:
             "gelu_tanh" (GeGLU). The config's ``hidden_activation`` / ``hidden_act`` wins when present.
         rope: "rotate_half" or "interleaved".
         qk_norm: an RMSNorm over each head of q and k before RoPE (Qwen3).
+        fused_qkv: q, k and v come from one ``qkv_proj`` (Phi-3), split after the projection.
+        fused_gate_up: gate and up come from one ``gate_up_proj`` (Phi-3), split in halves.
     """
 
     model_type: str
@@ -31,3 +33,5 @@ class ArchitectureSpec:
     activation: str
     rope: str = "rotate_half"
     qk_norm: bool = False
+    fused_qkv: bool = False
+    fused_gate_up: bool = False

@@ -39,7 +39,8 @@ class PatchHandle:
         for module in self.bound:
             module.__dict__.pop("forward", None)
             module.__dict__.pop("_swiftune_activation", None)
-            module.__dict__.pop("_swiftune_qk_norm", None)
+            for attribute in ("_swiftune_qk_norm", "_swiftune_fused_qkv", "_swiftune_fused_gate_up"):
+                module.__dict__.pop(attribute, None)
         self.swapped.clear()
         self.bound.clear()
 
@@ -70,10 +71,12 @@ def patch_model(model: torch.nn.Module, spec: ArchitectureSpec | None = None) ->
         class_name = type(module).__name__
         if class_name in spec.attention_class_names and spec.rope == "rotate_half":
             module._swiftune_qk_norm = spec.qk_norm
+            module._swiftune_fused_qkv = spec.fused_qkv
             module.forward = types.MethodType(attention_forward, module)
             handle.bound.append(module)
         elif class_name in spec.mlp_class_names and activation is not None:
             module._swiftune_activation = activation
+            module._swiftune_fused_gate_up = spec.fused_gate_up
             module.forward = types.MethodType(gated_mlp_forward, module)
             handle.bound.append(module)
     logger.info("swiftune fast path for %s: %s", spec.model_type, handle.counts)

@@ -18,12 +18,17 @@ def attention_forward(
     """Llama-family attention with RoPE applied to q and k in one swiftune kernel launch."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    qkv = [lora_parts(self.q_proj), lora_parts(self.k_proj), lora_parts(self.v_proj)]
-    if fusable_input(hidden_states, qkv):
-        # One input for three LoRA projections: saved once, one fused backward.
-        query, key, value = lora_qkv(hidden_states, *_flat(qkv))
+    if self._swiftune_fused_qkv:
+        qkv = _project(self.qkv_proj, hidden_states)
+        q_size, kv_size = self.config.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        query, key, value = qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
     else:
-        query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        qkv = [lora_parts(self.q_proj), lora_parts(self.k_proj), lora_parts(self.v_proj)]
+        if fusable_input(hidden_states, qkv):
+            # One input for three LoRA projections: saved once, one fused backward.
+            query, key, value = lora_qkv(hidden_states, *_flat(qkv))
+        else:
+            query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
     query, key = query.view(hidden_shape), key.view(hidden_shape)
     if self._swiftune_qk_norm:
         query, key = self.q_norm(query), self.k_norm(key)
@@ -46,20 +51,28 @@ def attention_forward(
         **_softcap(self),
         **kwargs,
     )
-    output = output.reshape(*input_shape, -1).contiguous()
-    o_parts = lora_parts(self.o_proj)
-    if fusable_input(output, [o_parts]):
-        return lora_linear(output, *_flat([o_parts])), weights
-    return self.o_proj(output), weights
+    return _project(self.o_proj, output.reshape(*input_shape, -1).contiguous()), weights
 
 
 def gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """down(act(gate(x)) * up(x)): the fused LoRA MLP when all three projections allow it, else the projections
     as they are with the activation and product in one swiftune kernel."""
+    if self._swiftune_fused_gate_up:
+        # Phi-3: one projection, split in halves (row-strided views the activation kernel reads in place).
+        gate, up = _project(self.gate_up_proj, x).chunk(2, dim=-1)
+        return _project(self.down_proj, gated_activation(gate, up, self._swiftune_activation))
     parts = [lora_parts(self.gate_proj), lora_parts(self.up_proj), lora_parts(self.down_proj)]
     if fusable_input(x, parts):
         return lora_mlp(x, *_flat(parts), activation=self._swiftune_activation)
     return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), self._swiftune_activation))
+
+
+def _project(linear, x: torch.Tensor) -> torch.Tensor:
+    """One projection: the fused LoRA function where it computes what peft does, else the module itself."""
+    parts = lora_parts(linear)
+    if fusable_input(x, [parts]):
+        return lora_linear(x, *_flat([parts]))
+    return linear(x)
 
 
 def _flat(parts) -> list:
