@@ -36,9 +36,9 @@ CONFIGS = {
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
     "gemma": GemmaConfig,
-    # Soft-capping on (attention 50, final logits 30, as Gemma 2 ships) and a sliding-window layer.
+    # Soft-capping small enough to bite on a tiny random model (scores and logits are small), and a sliding window.
     "gemma2": lambda **kw: Gemma2Config(
-        **kw, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4, attn_implementation="eager"
+        **kw, attn_logit_softcapping=0.05, final_logit_softcapping=0.5, sliding_window=4, attn_implementation="eager"
     ),
     "gemma3_text": lambda **kw: Gemma3TextConfig(**kw, sliding_window=4, attn_implementation="eager"),
     # Granite's multipliers away from 1, so that each one is exercised.

@@ -38,7 +38,7 @@ def attention_forward(
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
-    attention = _attention_interface(self.config._attn_implementation)
+    attention = _attention_interface(self)
     output, weights = attention(
         self,
         query,
@@ -87,15 +87,24 @@ def _sliding_window(attention) -> int | None:
     return getattr(attention.config, "sliding_window", None)
 
 
-def _attention_interface(implementation: str):
-    """transformers' attention function for ``implementation`` (sdpa, flash_attention_2, eager, ...)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward
+def _attention_interface(attention):
+    """transformers' attention function for the module's implementation (sdpa, flash_attention_2, eager, ...).
 
+    For "eager" it is the family's own eager function (found in the module that defines the attention class):
+    Gemma 2's, for one, applies the attention logit soft-capping that Llama's would silently drop.
+    """
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    implementation = attention.config._attn_implementation
+    eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
+    if eager is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as eager
     get_interface = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)  # newer transformers 5 releases
     if get_interface is not None:
-        return get_interface(implementation, eager_attention_forward)
-    return eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        return get_interface(implementation, eager)
+    return eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 def _softcap(attention) -> dict:
