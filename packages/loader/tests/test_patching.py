@@ -191,3 +191,17 @@ def test_fused_loss_equals_transformers_loss(model_type):
         atol=1e-5,
         rtol=1e-5,
     )
+
+
+def test_fused_loss_on_packed_rows_equals_transformers_training_loss():
+    from swiftune_loader.patching import fused_causal_lm_loss
+
+    model = _model("llama")
+    ids = torch.randint(1, SMALL["vocab_size"], (2, 13))
+    packed = torch.tensor([list(range(6)) + list(range(7))] * 2)  # two samples per row
+    inputs = {"input_ids": ids, "labels": ids, "position_ids": packed}
+    training_loss = model(**inputs, use_cache=False).loss  # what TRL computes: samples kept apart
+    torch.testing.assert_close(fused_causal_lm_loss(model, inputs), training_loss, atol=1e-5, rtol=1e-5)
+    # With the cache on, transformers attends across the packed samples: a different loss, which the fused path
+    # must not reproduce.
+    assert abs(model(**inputs).loss.item() - training_loss.item()) > 1e-4

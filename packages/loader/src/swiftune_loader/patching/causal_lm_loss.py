@@ -27,6 +27,8 @@ def fused_causal_lm_loss(model, inputs: dict, num_items_in_batch=None) -> torch.
     """Next-token cross-entropy of ``model`` on ``inputs`` without materializing the (tokens, vocab) logits.
 
     Labels are shifted by one as transformers does: the hidden state at position t predicts the label at t + 1.
+    The decoder runs with ``use_cache=False``, as in training (TRL's SFTTrainer sets it too): position ids that
+    restart inside a row then mark packed samples, and transformers keeps attention within each of them.
     With ``num_items_in_batch`` (the count of target tokens over all gradient accumulation steps) the summed
     loss is divided by it, so accumulated gradients equal those of one large batch exactly.
 
