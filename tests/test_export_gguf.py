@@ -142,7 +142,7 @@ def test_rope_theta_and_llama3_scaling(tmp_path):
     divisors must turn transformers' unscaled inverse frequencies into its scaled ones."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from swiftune_export.gguf_architectures import llama3_rope_factors
+    from swiftune_export.gguf_rope import llama3_rope_factors
 
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
     scaling["original_max_position_embeddings"] = 64

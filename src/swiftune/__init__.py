@@ -8,8 +8,9 @@ This meta-package gathers the swiftune packages under one name::
 from importlib.metadata import PackageNotFoundError, version
 
 from swiftune_data import load_conversations, standardize, tokenize_conversations
-from swiftune_export import merge_adapter
-from swiftune_loader import FastLanguageModel, chat_reply
+from swiftune.fast_language_model import FastLanguageModel
+from swiftune_export import merge_adapter, save_gguf, save_merged
+from swiftune_loader import chat_reply
 from swiftune_train import SFTJob, run_sft_job, sft_config
 
 try:
@@ -25,6 +26,8 @@ __all__ = [
     "load_conversations",
     "merge_adapter",
     "run_sft_job",
+    "save_gguf",
+    "save_merged",
     "sft_config",
     "standardize",
     "tokenize_conversations",

@@ -79,17 +79,17 @@ LLAMA_CONFIG = {
 }
 
 
-@pytest.fixture
-def llama_dir(tmp_path):
-    """A hand-written Llama folder whose rows are multiples of 256 (so every quant type applies), with a byte-level
-    BPE tokenizer.json of 3 special tokens, 256 bytes and 3 merges, in fewer ids than the 270 embedding rows."""
-    torch.manual_seed(0)
-    folder = tmp_path / "llama"
-    folder.mkdir()
-    c = LLAMA_CONFIG
-    hidden, inter, vocab, kv_rows = c["hidden_size"], c["intermediate_size"], c["vocab_size"], 2 * 64
+def write_llama_folder(folder, seed=0, **overrides):
+    """A hand-written Llama folder (config.json, model.safetensors, tokenizer files) with LLAMA_CONFIG's fields
+    changed by ``overrides``; 2-D weights in bf16, norms in float32 away from 1, no lm_head when tied."""
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True)
+    c = dict(LLAMA_CONFIG, **overrides)
+    hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    kv_rows = c["num_key_value_heads"] * hidden // c["num_attention_heads"]
     tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden), "model.norm.weight": 1 + torch.rand(hidden)}
-    tensors["lm_head.weight"] = torch.randn(vocab, hidden) * 0.05
+    if not c["tie_word_embeddings"]:
+        tensors["lm_head.weight"] = torch.randn(vocab, hidden) * 0.05
     for i in range(c["num_hidden_layers"]):
         prefix = f"model.layers.{i}"
         shapes = {
@@ -107,6 +107,30 @@ def llama_dir(tmp_path):
         tensors[f"{prefix}.post_attention_layernorm.weight"] = 1 + torch.rand(hidden)
     save_file(tensors, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(c))
+    _write_byte_level_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    """A hand-written Llama folder whose rows are multiples of 256 (so every quant type applies), with a byte-level
+    BPE tokenizer.json of 3 special tokens, 256 bytes and 3 merges, in fewer ids than the 270 embedding rows."""
+    return write_llama_folder(tmp_path / "llama")
+
+
+@pytest.fixture(scope="session")
+def llama_folder_writer():
+    """``write_llama_folder`` itself, for module-scoped fixtures."""
+    return write_llama_folder
+
+
+@pytest.fixture
+def make_llama_dir(tmp_path):
+    """The folder writer, for tests that need other shapes: ``make_llama_dir(name, **config_overrides)``."""
+    return lambda name, **overrides: write_llama_folder(tmp_path / name, **overrides)
+
+
+def _write_byte_level_tokenizer(folder):
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     vocab_map = {token: i for i, token in enumerate(specials + _byte_alphabet())}
     merges = [["h", "e"], ["he", "l"], ["Ġ", "t"]]
@@ -148,4 +172,3 @@ def llama_dir(tmp_path):
         json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
     )
     (folder / "chat_template.jinja").write_text("{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}")
-    return folder

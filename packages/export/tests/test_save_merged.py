@@ -81,16 +81,29 @@ def test_gguf_with_two_quantizations_and_modelfile(tmp_path, llama_adapter):
 
 def test_refusals(tmp_path, llama_adapter, llama_dir):
     with pytest.raises(ValueError, match="choose one of"):
-        save_merged(llama_adapter, out=tmp_path / "x", method="merged_4bit")
+        save_merged(llama_adapter, out=tmp_path / "x", method="merged_8bit")
     with pytest.raises(ValueError, match="choose one of"):
-        save_merged(llama_adapter, out=tmp_path / "x", method="gguf", quantization=["q4_k_m"])
-    with pytest.raises(ValueError, match="peft adapter folder"):
+        save_merged(llama_adapter, out=tmp_path / "x", method="gguf", quantization=["q3_k_xl"])
+    with pytest.raises(ValueError, match="peft adapter folder|not a LoRA adapter"):
         save_merged(llama_dir, out=tmp_path / "x", method="lora")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_merged(tmp_path / "nowhere", out=tmp_path / "x")
     config = json.loads((llama_dir / "config.json").read_text())
-    (llama_dir / "config.json").write_text(json.dumps(dict(config, quantization_config={"load_in_4bit": True})))
-    with pytest.raises(ValueError, match="stored quantized"):
+    (llama_dir / "config.json").write_text(json.dumps(dict(config, quantization_config={"load_in_8bit": True})))
+    with pytest.raises(ValueError, match="stored in 8 bits"):
         save_merged(llama_adapter, out=tmp_path / "x", method="merged_16bit")
     assert not (tmp_path / "x").exists()
+
+
+def test_existing_output_is_kept_without_overwrite(tmp_path, llama_adapter):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_merged(llama_adapter, out=out, method="merged_16bit")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    save_merged(llama_adapter, out=out, method="merged_16bit", overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
 def test_gguf_from_a_full_model_folder(tmp_path, llama_dir):

@@ -1,9 +1,16 @@
+import importlib
+
 import pytest
 import torch
 
 import swiftune_kernels
 from swiftune_kernels.cross_entropy import CrossEntropyFunction, cross_entropy, cross_entropy_forward
+from swiftune_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from swiftune_kernels.reference.cross_entropy import cross_entropy as reference
+from swiftune_kernels.reference.fused_linear_cross_entropy import fused_linear_cross_entropy as reference_linear
+
+# the module, not the function of the same name that the package exports
+ce_module = importlib.import_module("swiftune_kernels.cross_entropy")
 
 DTYPES = [torch.float32, torch.bfloat16]
 OPTIONS = {
@@ -231,3 +238,141 @@ def test_user_errors(change, error, match):
 def test_package_exports():
     assert swiftune_kernels.cross_entropy is cross_entropy
     assert swiftune_kernels.CrossEntropyFunction is CrossEntropyFunction
+
+
+# --- the "split" kernel: chunks of a row in registers, partial max / sum exchanged between programs ---------------
+
+SPLIT_OPTIONS = {"plain": {}, "scale+softcap": {"logit_scale": 1.7, "softcap": 3.0}}
+# V = 1000: 8 chunks of 128 held in registers, or 4 chunks of 256 each streamed in blocks of 64; last chunk ragged
+SPLIT_LAYOUTS = {"held": {"chunk": 128}, "streamed": {"chunk": 256, "split_block": 64}}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("option", SPLIT_OPTIONS)
+@pytest.mark.parametrize("layout", SPLIT_LAYOUTS)
+def test_split_kernel_matches_float64_reference(dtype, option, layout, device, tolerance):
+    # Per-row weights as the fused linear CE passes them; a row whose first chunk is all -inf (masked vocabulary)
+    # and whose maximum sits in the last chunk.
+    logits, targets = make_inputs(7, 1000, dtype, device)
+    logits[2, :300] = float("-inf")
+    logits[2, 990] = 20.0
+    targets[2] = 990
+    row_weight = torch.rand(7, device=device)
+    grad = torch.empty_like(logits)
+    options = SPLIT_OPTIONS[option]
+    split = SPLIT_LAYOUTS[layout]
+    loss = cross_entropy_forward(logits, targets, row_weight, grad=grad, kernel="split", **split, **options)
+    x = logits.detach().double().requires_grad_()
+    expected = reference(x, targets, reduction="none", **options)
+    expected.backward(row_weight.double())
+    torch.testing.assert_close(loss.double(), expected.detach(), **tolerance(torch.float32))
+    torch.testing.assert_close(grad.double(), x.grad, **tolerance(dtype))
+    assert (grad[targets == -100] == 0).all() and (loss[targets == -100] == 0).all()
+
+
+@pytest.mark.parametrize(("fused_mean", "block"), [(False, None), (True, None), (True, 128)])
+def test_split_kernel_through_the_public_function(fused_mean, block, device, tolerance, monkeypatch):
+    """The default switched to "split" (held or streamed, and the fused mean launches): loss and gradient."""
+    monkeypatch.setitem(ce_module.CONFIG, "kernel", "split")
+    monkeypatch.setitem(ce_module.CONFIG, "chunk", 256)
+    monkeypatch.setitem(ce_module.CONFIG, "block", block)
+    monkeypatch.setitem(ce_module.CONFIG, "fused_mean", fused_mean)
+    logits, targets = make_inputs(9, 700, torch.bfloat16, device)
+    n_kept = (targets != -100).sum().float()
+    expected_loss, expected_grad = oracle(logits, targets, n_kept)
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_()
+        loss = cross_entropy(x * 1 if inplace else x, targets, inplace=inplace)
+        loss.backward(n_kept)  # makes the bf16 gradient O(1) and runs the scaling pass
+        torch.testing.assert_close(loss.double(), expected_loss, **tolerance(torch.float32))
+        torch.testing.assert_close(x.grad.double(), expected_grad, **tolerance(torch.bfloat16))
+
+
+@pytest.mark.parametrize("kernel", ["row", "split"])
+def test_fused_mean_launches_match_the_torch_reduction(kernel, device, monkeypatch):
+    monkeypatch.setitem(ce_module.CONFIG, "kernel", kernel)
+    monkeypatch.setitem(ce_module.CONFIG, "chunk", 64)
+    logits, targets = make_inputs(11, 150, torch.float32, device)
+    results = []
+    for fused_mean in (False, True):
+        monkeypatch.setitem(ce_module.CONFIG, "fused_mean", fused_mean)
+        x = logits.clone().requires_grad_()
+        loss = cross_entropy(x, targets)
+        loss.backward()
+        results.append((loss, x.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)  # only the summation order differs
+    assert torch.equal(results[1][1], results[0][1])  # the same weight 1 / count: the same gradient bits
+    # every row ignored: 0 / 0 = NaN and a zero gradient, as the torch reduction and the reference give
+    targets[:] = -100
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, targets)
+    loss.backward()
+    assert torch.isnan(loss) and (x.grad == 0).all()
+
+
+def test_split_kernel_out_of_range_target_gives_nan(device):
+    logits, targets = make_inputs(3, 300, torch.float32, device)
+    targets[1] = 300
+    loss = cross_entropy_forward(logits, targets, torch.ones(1, device=device), kernel="split", chunk=128)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[0]) and torch.isfinite(loss[2])
+
+
+def test_split_kernel_large_vocab_in_default_chunks(device, tolerance, monkeypatch):
+    # 151936 (Qwen) in the default 8192-column chunks: 19 programs a row, the last one ragged.
+    monkeypatch.setitem(ce_module.CONFIG, "kernel", "split")
+    logits, targets = make_inputs(2, 151936, torch.bfloat16, device, ignore_every=3)
+    logits[1, 151935] = 30.0
+    targets[1] = 151935
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, targets, softcap=30.0)
+    loss.backward(torch.tensor(2.0, device=device))
+    expected_loss, expected_grad = oracle(logits, targets, torch.tensor(2.0), softcap=30.0)
+    torch.testing.assert_close(loss.double(), expected_loss, **tolerance(torch.float32))
+    torch.testing.assert_close(x.grad.double(), expected_grad, **tolerance(torch.bfloat16))
+
+
+def test_fused_linear_cross_entropy_runs_on_the_split_kernel(device, tolerance, monkeypatch):
+    """The fused linear CE calls cross_entropy_forward per chunk of tokens: switching the kernel switches it too."""
+    monkeypatch.setitem(ce_module.CONFIG, "kernel", "split")
+    monkeypatch.setitem(ce_module.CONFIG, "chunk", 128)
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(13, 16, generator=gen).to(device).requires_grad_()
+    weight = (torch.randn(300, 16, generator=gen) * 0.3).to(device).requires_grad_()
+    targets = torch.randint(0, 300, (13,), generator=gen).to(device)
+    targets[::4] = -100
+    called = []
+    original = ce_module._launch_split
+    monkeypatch.setattr(ce_module, "_launch_split", lambda *a: called.append(1) or original(*a))
+    loss = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=8)
+    loss.backward()
+    assert called  # the split kernel ran
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    expected = reference_linear(h64, w64, targets)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected.detach(), **tolerance(torch.float32))
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, **tolerance(torch.float32))
+    torch.testing.assert_close(weight.grad.double(), w64.grad, **tolerance(torch.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="one launch whose programs wait for each other: GPU only")
+@pytest.mark.parametrize("split", [{"chunk": 4096}, {"chunk": 16384, "split_block": 4096}])
+def test_split_kernel_single_launch_on_gpu(split, tolerance):
+    """On a GPU the chunks of a row synchronize inside one launch (the CPU tests run the two-launch form)."""
+    logits, targets = make_inputs(300, 50000, torch.bfloat16, "cuda")
+    grad = torch.empty_like(logits)
+    weight = torch.ones(1, device="cuda")
+    loss = cross_entropy_forward(logits, targets, weight, grad=grad, kernel="split", sync="kernel", **split)
+    x = logits.detach().double().requires_grad_()
+    expected = reference(x, targets, reduction="none")
+    expected.sum().backward()
+    torch.testing.assert_close(loss.double(), expected.detach(), **tolerance(torch.float32))
+    torch.testing.assert_close(grad.double(), x.grad, **tolerance(torch.bfloat16))
+
+
+def test_backward_scaling_loops_when_programs_are_capped(device, monkeypatch):
+    """A scalar grad_output scales the whole gradient with at most _BWD_MAX_PROGRAMS programs, each walking spans."""
+    monkeypatch.setattr(ce_module, "_BWD_MAX_PROGRAMS", 2)
+    grad = torch.randn(5, 70000, device=device)  # 350000 elements: 6 spans of 65536 for 2 programs
+    expected = grad * 3.0
+    ce_module.cross_entropy_backward(grad, torch.tensor([3.0], device=device))
+    assert torch.equal(grad, expected)

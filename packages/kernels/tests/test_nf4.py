@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from swiftune_kernels import nf4 as nf4_module
-from swiftune_kernels.nf4 import dequantize_nf4
+from swiftune_kernels.nf4 import dequantize_nf4, dequantize_nf4_forward
 from swiftune_kernels.reference import nf4 as reference
 
 ODD_SHAPES = [(37, 123), (1, 5), (300, 17)]
@@ -123,3 +123,84 @@ def test_packed_in_another_storage_dtype(device):
     packed, state = reference.quantize_nf4(weight, 64, True, nested_blocksize=4)
     as_bf16 = packed.reshape(-1).view(torch.bfloat16).unsqueeze(1)
     assert torch.equal(dequantize_nf4(as_bf16, state), dequantize_nf4(packed, state))
+
+
+# --- the per-byte kernel's variants (benchmarks/sweep_kernels.py times them): each must stay bit-exact -------------
+
+BYTES_VARIANTS = {
+    "words-load": dict(kernel="bytes", lut="load", words=True, bytes_per_program=64, num_warps=2),
+    "words-tree": dict(kernel="bytes", lut="tree", words=True, bytes_per_program=128, num_warps=4),
+    "words-pair": dict(kernel="bytes", lut="pair", words=True, bytes_per_program=64, num_warps=2),
+    "bytes-load": dict(kernel="bytes", lut="load", words=False, bytes_per_program=64, num_warps=2),
+    "bytes-pair-hw-round": dict(kernel="bytes", lut="pair", words=False, bytes_per_program=32, hand_round=False),
+}
+
+
+@pytest.mark.parametrize("variant", BYTES_VARIANTS)
+def test_bytes_kernel_variants_equal_bitsandbytes(device, variant, monkeypatch):
+    """Odd sizes (whole bytes only: no int32 words), an LLM-like layout (words), double quantization, fp16 and bf16."""
+    bnb_f = _bnb()
+    for key, value in BYTES_VARIANTS[variant].items():
+        monkeypatch.setitem(nf4_module.CONFIG, key, value)
+    torch.manual_seed(5)
+    for shape, dtype in [((37, 123), torch.bfloat16), ((48, 256), torch.float16)]:
+        weight = torch.randn(shape, device=device, dtype=dtype)
+        for compress, blocksize in [(False, 64), (True, 128)]:
+            packed, state = bnb_f.quantize_4bit(
+                weight, quant_type="nf4", compress_statistics=compress, blocksize=blocksize
+            )
+            expected = bnb_f.dequantize_4bit(packed, state)
+            assert torch.equal(dequantize_nf4(packed, state), expected), (shape, dtype, compress, blocksize)
+
+
+@pytest.mark.parametrize("variant", BYTES_VARIANTS)
+def test_bytes_kernel_variants_equal_reference(device, variant):
+    """Block sizes 32 and 4 (words need 8), a 3-D weight, float32 output, several second-level blocks."""
+    torch.manual_seed(6)
+    for shape, blocksize in [((40, 260), 32), ((3, 30, 17), 4), ((7,), 4)]:
+        weight = torch.randn(shape, device=device)
+        packed, state = reference.quantize_nf4(weight, blocksize, True, nested_blocksize=4)
+        for dtype in (torch.float32, torch.bfloat16):
+            got = dequantize_nf4_forward(packed, state, dtype, **BYTES_VARIANTS[variant])
+            assert torch.equal(got, reference.dequantize_nf4(packed, state, dtype)), (shape, blocksize, dtype)
+
+
+def test_out_fills_rows_of_a_stacking_buffer(device):
+    """``out=``: three weights dequantized into consecutive rows of one buffer (the fused LoRA QKV does this)."""
+    torch.manual_seed(7)
+    weights = [torch.randn(rows, 64, device=device, dtype=torch.bfloat16) for rows in (6, 2, 3)]
+    states = [reference.quantize_nf4(w, 64, True, nested_blocksize=4) for w in weights]
+    buffer = torch.full((11, 64), float("nan"), device=device, dtype=torch.bfloat16)
+    start = 0
+    for (packed, state), w in zip(states, weights, strict=True):
+        block = buffer[start : start + w.shape[0]]
+        assert dequantize_nf4(packed, state, out=block) is block
+        start += w.shape[0]
+    assert torch.equal(buffer, torch.cat([dequantize_nf4(p, s) for p, s in states]))
+    packed, state = states[0]
+    with pytest.raises(ValueError, match="elements"):
+        dequantize_nf4(packed, state, out=buffer[:5])
+    with pytest.raises(ValueError, match="contiguous"):
+        dequantize_nf4(packed, state, out=torch.empty(64, 12, device=device, dtype=torch.bfloat16).t()[:6])
+    with pytest.raises(ValueError, match="bfloat16 tensor"):
+        dequantize_nf4(packed, state, torch.bfloat16, out=buffer[:6].float())
+
+
+def test_out_on_the_reference_path(reference_only):
+    weight = torch.randn(6, 64, dtype=torch.bfloat16)
+    packed, state = reference.quantize_nf4(weight, 64)
+    out = torch.empty(6, 64, dtype=torch.bfloat16)
+    assert dequantize_nf4(packed, state, out=out) is out
+    assert torch.equal(out, reference.dequantize_nf4(packed, state))
+
+
+def test_pair_table_cache_follows_the_code_table(device):
+    """The "pair" lookup caches a table built from quant_state.code: an in-place change of the code must show."""
+    config = BYTES_VARIANTS["words-pair"]
+    weight = torch.randn(8, 64, device=device, dtype=torch.bfloat16)
+    packed, state = reference.quantize_nf4(weight, 64)
+    first = dequantize_nf4_forward(packed, state, torch.float32, **config)
+    assert torch.equal(first, reference.dequantize_nf4(packed, state, torch.float32))
+    state.code.mul_(2.0)  # same tensor, new values (its version counter moves)
+    second = dequantize_nf4_forward(packed, state, torch.float32, **config)
+    assert torch.equal(second, 2.0 * first)

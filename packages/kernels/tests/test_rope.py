@@ -283,3 +283,35 @@ def test_angle_tables_helper_is_sane():
     cos, sin = _angle_tables(4, 8, False, False, dtype=torch.float64)
     torch.testing.assert_close(cos**2 + sin**2, torch.ones_like(cos))
     assert math.isclose(sin[1, 0].item(), math.sin(1.0))
+
+
+# --- launch variants (benchmarks/sweep_kernels.py times them): each must give the same rotation --------------------
+
+ROPE_VARIANTS = {
+    # 2 tokens a program; a 32-element tile budget forces head blocks of 2 (the head loop, a partial last block)
+    "tokens": dict(hf_kernel="tokens", contiguous_kernel="tokens", tokens_per_program=2, token_tile=32, token_warps=2),
+    "tokens-split-qk": dict(hf_kernel="tokens", contiguous_kernel="tokens", tokens_per_program=1, split_qk=True),
+    "heads-groups-fastest": dict(groups_fastest=True),
+}
+
+
+@pytest.mark.parametrize("variant", ROPE_VARIANTS)
+@pytest.mark.parametrize("layout", ["hf", "contiguous"])
+def test_launch_variants_match_reference(device, tolerance, monkeypatch, variant, layout):
+    for key, value in ROPE_VARIANTS[variant].items():
+        monkeypatch.setitem(rope_module.CONFIG, key, value)
+    torch.manual_seed(2)
+    q_heads, k_heads, seq = 5, 2, 13
+    if layout == "hf":  # q_proj(x).view(b, s, h, d).transpose(1, 2): one token's heads are contiguous
+        q = torch.randn(BATCH, seq, q_heads, HEAD_DIM, device=device).transpose(1, 2)
+        k = torch.randn(BATCH, seq, k_heads, HEAD_DIM, device=device).transpose(1, 2)
+    else:
+        q = torch.randn(BATCH, q_heads, seq, HEAD_DIM, device=device)
+        k = torch.randn(BATCH, k_heads, seq, HEAD_DIM, device=device)
+    q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    positions = _packed_positions(BATCH, 37)[:, :seq].to(device)
+    # partial rotary with interleaved pairs (the tail is copied), then a full half-width table
+    for rotary_dim, interleaved, half in ((16, True, False), (HEAD_DIM, False, True)):
+        cos, sin = _angle_tables(MAX_POS, rotary_dim, interleaved, half)
+        cos, sin = cos + 0.01 * torch.randn_like(cos), sin + 0.01 * torch.randn_like(sin)
+        _check_against_reference(q, k, cos.to(device), sin.to(device), positions, rotary_dim, interleaved, tolerance)

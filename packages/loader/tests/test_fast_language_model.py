@@ -54,12 +54,12 @@ def test_inference_and_training_modes_switch_checkpointing_and_cache(tiny_model_
     model, tokenizer = FastLanguageModel.from_pretrained(tiny_model_dir)
     model = FastLanguageModel.get_peft_model(model, r=2, use_gradient_checkpointing=True)
     base = model.get_base_model()
-    assert base.is_gradient_checkpointing and model.training
+    assert base.is_activation_checkpointing and model.training
     FastLanguageModel.for_inference(model)
-    assert not model.training and not base.is_gradient_checkpointing and base.config.use_cache
+    assert not model.training and not base.is_activation_checkpointing and base.config.use_cache
     assert isinstance(chat_reply(model, tokenizer, "hello", max_new_tokens=3), str)
     FastLanguageModel.for_training(model)
-    assert model.training and base.is_gradient_checkpointing and not base.config.use_cache
+    assert model.training and base.is_activation_checkpointing and not base.config.use_cache
 
 
 def test_load_in_4bit_quantizes_linear_layers(tiny_model_dir):
@@ -97,18 +97,19 @@ def test_unknown_architecture_warns_and_loads_plainly(tmp_path, caplog):
     assert "No swiftune fast path for model_type='gpt2'" in caplog.text
 
 
-def test_offloaded_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_model_dir):
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_offloaded_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_model_dir, load_in_4bit):
     ids = torch.tensor([[1, 7, 42, 9, 13, 2]])
     grads = {}
     for mode in (False, "offload"):
-        model, _ = FastLanguageModel.from_pretrained(tiny_model_dir)
+        model, _ = FastLanguageModel.from_pretrained(tiny_model_dir, load_in_4bit=load_in_4bit)
         torch.manual_seed(0)
         model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=mode, init_lora_weights=False)
         model(input_ids=ids, labels=ids).loss.backward()
         grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         layers = model.get_base_model().model.layers
         assert ("forward" in layers[0].__dict__) == (mode == "offload")
-        assert not model.get_base_model().is_gradient_checkpointing  # transformers' own checkpointing stays off
+        assert not model.get_base_model().is_activation_checkpointing  # transformers' own checkpointing stays off
     assert grads[False].keys() == grads["offload"].keys()
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads["offload"][name], grad, atol=1e-6, rtol=1e-5, msg=name)

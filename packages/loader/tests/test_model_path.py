@@ -11,9 +11,16 @@ def test_missing_path_is_a_clear_error(tmp_path):
         resolve_model_path(tmp_path / "nope")
 
 
-def test_hub_id_gets_a_no_download_hint():
+def test_hub_id_not_in_the_cache_gets_a_no_download_hint(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="never downloads"):
         resolve_model_path("meta-llama/Llama-3.2-1B")
+
+
+@pytest.mark.parametrize("name", ["./models/absent", "/no/such/model", "~/absent-model"])
+def test_local_looking_path_that_does_not_exist_is_not_taken_for_a_hub_id(name):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model_path(name)
 
 
 def test_file_instead_of_folder_is_refused(tmp_path):

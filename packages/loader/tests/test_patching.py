@@ -2,22 +2,12 @@
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    Gemma3TextConfig,
-    GemmaConfig,
-    GraniteConfig,
-    LlamaConfig,
-    MistralConfig,
-    Phi3Config,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import AutoModelForCausalLM
 
-from swiftune_kernels.modules import RMSNorm
+from swiftune_kernels.modules import LayerNorm, RMSNorm
 from swiftune_loader.architectures import SPECS
 from swiftune_loader.patching import patch_model
+from swiftune_loader.testing import ARCHITECTURE_QUIRKS, tiny_config
 
 SMALL = dict(
     vocab_size=97,
@@ -29,30 +19,18 @@ SMALL = dict(
     max_position_embeddings=64,
     head_dim=12,
     pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
-CONFIGS = {
-    "llama": LlamaConfig,
-    "mistral": MistralConfig,
-    "qwen2": Qwen2Config,
-    "qwen3": Qwen3Config,
-    "gemma": GemmaConfig,
-    # Soft-capping small enough to bite on a tiny random model (scores and logits are small), and a sliding window.
-    "gemma2": lambda **kw: Gemma2Config(
-        **kw, attn_logit_softcapping=0.05, final_logit_softcapping=0.5, sliding_window=4, attn_implementation="eager"
-    ),
-    "gemma3_text": lambda **kw: Gemma3TextConfig(**kw, sliding_window=4, attn_implementation="eager"),
-    # Granite's multipliers away from 1, so that each one is exercised.
-    "granite": lambda **kw: GraniteConfig(
-        **kw, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0
-    ),
-    # Partial rotary dimensions (half of each head rotates) and a sliding window.
-    "phi3": lambda **kw: Phi3Config(**kw, partial_rotary_factor=0.5, sliding_window=4),
-}
+# Every architecture with a fast path, built with its quirks on (swiftune_loader.testing.ARCHITECTURE_QUIRKS);
+# Cohere here with its optional per-head q/k LayerNorms (the training-curve test covers it without).
+EXTRA_FIELDS = {"cohere": {"use_qk_norm": True}}
+CONFIGS = {t: (lambda t=t: tiny_config(t, **SMALL, **EXTRA_FIELDS.get(t, {}))) for t in ARCHITECTURE_QUIRKS}
 
 
 def _model(model_type, dtype=torch.float32):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[model_type](**SMALL), dtype=dtype)
+    model = AutoModelForCausalLM.from_config(CONFIGS[model_type](), dtype=dtype)
     # Norm weights away from 1, so that a norm that ignored its weight would be caught.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -73,11 +51,14 @@ def _loss_and_grads(model, ids, position_ids=None):
 def test_patched_model_matches_plain_transformers(model_type):
     plain, fast = _model(model_type), _model(model_type)
     spec = SPECS[model_type]
-    norms = sum(type(m).__name__ in spec.norm_class_names for m in fast.modules())
+    # Norms with one weight vector (Cohere's per-head q/k norms, weight (heads, head_dim), stay transformers').
+    norms = sum(type(m).__name__ in spec.norm_class_names and m.weight.dim() == 1 for m in fast.modules())
     handle = patch_model(fast)
     # Every norm and every attention and MLP module went through the engine.
     assert handle.counts == {"norms": norms, "forwards": 2 * SMALL["num_hidden_layers"]}
-    assert norms >= 2 * SMALL["num_hidden_layers"] + 1
+    assert norms >= SMALL["num_hidden_layers"] + 1
+    kernel_norm = LayerNorm if spec.norm_kind == "layer_norm" else RMSNorm
+    assert isinstance(fast.model.norm, kernel_norm)
     ids = torch.randint(1, SMALL["vocab_size"], (2, 13))
     # Packed sequences: positions restart inside the row.
     position_ids = torch.tensor([list(range(6)) + list(range(7))] * 2)
@@ -123,11 +104,13 @@ def test_every_spec_names_its_own_model_type():
 LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "cohere": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 # Fused LoRA calls expected per decoder layer.
 FUSED_CALLS = {
     "llama": {"lora_qkv": 1, "lora_linear": 1, "lora_mlp": 1},
     "phi3": {"lora_linear": 4},
+    "cohere": {"lora_qkv": 1, "lora_linear": 1, "lora_mlp": 1},
 }
 
 
@@ -184,7 +167,8 @@ def test_fused_loss_equals_transformers_loss(model_type):
     ids = torch.randint(1, SMALL["vocab_size"], (2, 11))
     labels = ids.clone()
     labels[:, :3] = -100
-    # Gemma 2's final logit soft-capping (30.0 in CONFIGS) must be applied by the fused loss as transformers does.
+    # Gemma 2's final logit soft-capping, Granite's logits_scaling and Cohere's logit_scale (CONFIGS) must be applied
+    # by the fused loss as transformers does.
     torch.testing.assert_close(
         fused_causal_lm_loss(model, {"input_ids": ids, "labels": labels}),
         model(input_ids=ids, labels=labels).loss,
@@ -205,3 +189,7 @@ def test_fused_loss_on_packed_rows_equals_transformers_training_loss():
     # With the cache on, transformers attends across the packed samples: a different loss, which the fused path
     # must not reproduce.
     assert abs(model(**inputs).loss.item() - training_loss.item()) > 1e-4
+
+
+def test_every_fast_path_architecture_is_tested():
+    assert set(ARCHITECTURE_QUIRKS) == set(SPECS)

@@ -33,6 +33,10 @@ def test_job_lowers_the_loss_and_saves_an_adapter_peft_reloads(tiny_model_dir, t
     # clearly below the first five (a random tiny model starts near ln(vocab) = 5.95).
     assert len(result.losses) == 12 and result.last_loss < result.first_loss - 0.1
     assert any(line.startswith("step 12/12  loss") for line in lines)
+    assert all(" tok/s  peak " in line for line in lines if line.startswith("step "))
+    assert result.loss_curve == tmp_path / "out" / "loss_curve.png"
+    assert result.loss_curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "out" / "runs").exists(), "something was reported without being asked"
     assert len(result.answers_before) == len(result.answers_after) == 1
 
     adapter_dir = tmp_path / "out" / "adapter"
@@ -73,6 +77,28 @@ def test_output_path_that_is_a_file_is_refused(tiny_model_dir, tiny_dataset, tmp
 
 
 def test_non_finite_loss_stops_without_saving(tiny_model_dir, tiny_dataset, tmp_path):
-    with pytest.raises(FloatingPointError, match="loss became"):
+    with pytest.raises(FloatingPointError, match="Training stopped at step"):
         run_sft_job(_job(tiny_model_dir, tiny_dataset, tmp_path / "out", learning_rate=1e12, max_steps=6))
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_embedding_learning_rate_and_tensorboard_reach_the_trainer(tiny_model_dir, tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="modules_to_save"):  # the rate reaches the optimizer, which has no embeddings
+        run_sft_job(_job(tiny_model_dir, tiny_dataset, tmp_path / "bad", max_steps=1, embedding_learning_rate=1e-3))
+
+    job = _job(
+        tiny_model_dir,
+        tiny_dataset,
+        tmp_path / "out",
+        max_steps=2,
+        probe_questions=[],
+        modules_to_save=["embed_tokens"],
+        embedding_learning_rate=1e-3,
+        report_to=["tensorboard"],
+    )
+    result = run_sft_job(job, write=lambda line: None)
+    assert list((tmp_path / "out" / "runs").rglob("events.out.tfevents*")), "no TensorBoard events were kept"
+    from safetensors import safe_open
+
+    with safe_open(result.adapter_dir / "adapter_model.safetensors", "pt") as saved:
+        assert any("embed_tokens" in key for key in saved.keys())

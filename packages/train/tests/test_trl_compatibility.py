@@ -1,6 +1,7 @@
 """What users of TRL's SFTTrainer rely on keeps working through swiftune's SFTTrainer (fused loss on)."""
 
 import datasets
+import pytest
 import torch
 from peft import LoraConfig
 
@@ -103,3 +104,21 @@ def test_other_loss_types_fall_back_to_trl(tiny_model_dir, tmp_path, monkeypatch
     monkeypatch.setattr(TRLSFTTrainer, "compute_loss", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     trainer.train()
     assert calls, "TRL's loss did not run for loss_type='dft'"
+
+
+def test_eval_packing_on_or_off_gives_the_same_eval_loss(tiny_model_dir, tmp_path):
+    # Packed samples are kept apart (restarting positions, no attention or prediction across samples), so each
+    # target token's loss is the same packed or not. The Trainer averages per-batch mean losses weighted by rows,
+    # so the two eval losses are equal when the eval set is one batch (as here); over several batches they may
+    # differ by that weighting alone.
+    eval_set = _conversations().select(range(4))
+    losses = {}
+    for packing in (False, True):
+        args = _args(tmp_path, packing=packing, per_device_eval_batch_size=16, max_length=256)
+        trainer = _trainer(tiny_model_dir, tmp_path, args=args)
+        for eval_packing in (False, True):
+            trainer.args.eval_packing = eval_packing
+            losses[packing, eval_packing] = trainer.evaluate(eval_dataset=eval_set)["eval_loss"]
+    reference = losses[False, False]
+    for setting, loss in losses.items():
+        assert loss == pytest.approx(reference, abs=1e-5), (setting, losses)

@@ -1,4 +1,4 @@
-"""swiftune-cli: the ``swiftune`` command (train, export)."""
+"""swiftune-cli: the ``swiftune`` command (train, export, chat, inspect)."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -1,6 +1,8 @@
-"""The GGUF quantization types this package writes: their names, llama.cpp file types, and how to quantize one tensor.
+"""The GGUF quantizations this package writes: their names, llama.cpp file types, and how to encode one tensor.
 
-gguf's numpy ``quantize`` covers the float types and Q4_0..Q8_0; the K-quants are ours (``kquants``).
+A name is a *recipe* as llama.cpp's ``llama-quantize`` understands it (``q4_k_m``, ``q8_0``...): a default type for
+the 2-D weights plus per-tensor exceptions (``gguf_mixes``). gguf's numpy ``quantize`` covers the float types and
+Q4_0..Q8_0; the K-quants are ours (``kquants``).
 """
 
 from __future__ import annotations
@@ -21,28 +23,40 @@ class QuantType:
     """A user-facing quantization name.
 
     Attributes:
-        qtype: the ggml type of the 2-D weights.
-        file_type: llama.cpp's ``general.file_type`` for a file that is mostly ``qtype``.
+        name: the canonical name (``"q4_k_m"``), used in file names.
+        qtype: the ggml type of most 2-D weights.
+        file_type: llama.cpp's ``general.file_type`` for the recipe; ``gguf_mixes`` keys its exceptions on it.
     """
 
+    name: str
     qtype: gguf.GGMLQuantizationType
     file_type: gguf.LlamaFileType
 
+    @property
+    def is_float(self) -> bool:
+        return self.qtype in (Q.F32, Q.F16, Q.BF16)
+
 
 QUANT_TYPES = {
-    "f32": QuantType(Q.F32, F.ALL_F32),
-    "f16": QuantType(Q.F16, F.MOSTLY_F16),
-    "bf16": QuantType(Q.BF16, F.MOSTLY_BF16),
-    "q8_0": QuantType(Q.Q8_0, F.MOSTLY_Q8_0),
-    "q4_0": QuantType(Q.Q4_0, F.MOSTLY_Q4_0),
-    "q4_1": QuantType(Q.Q4_1, F.MOSTLY_Q4_1),
-    "q5_0": QuantType(Q.Q5_0, F.MOSTLY_Q5_0),
-    "q5_1": QuantType(Q.Q5_1, F.MOSTLY_Q5_1),
-    # Every 2-D weight in the one K-type: llama.cpp calls such files *_S ("small"), unlike its mixed *_M recipes.
-    "q4_k": QuantType(Q.Q4_K, F.MOSTLY_Q4_K_S),
-    "q5_k": QuantType(Q.Q5_K, F.MOSTLY_Q5_K_S),
-    "q6_k": QuantType(Q.Q6_K, F.MOSTLY_Q6_K),
+    quant.name: quant
+    for quant in (
+        QuantType("f32", Q.F32, F.ALL_F32),
+        QuantType("f16", Q.F16, F.MOSTLY_F16),
+        QuantType("bf16", Q.BF16, F.MOSTLY_BF16),
+        QuantType("q8_0", Q.Q8_0, F.MOSTLY_Q8_0),
+        QuantType("q4_0", Q.Q4_0, F.MOSTLY_Q4_0),
+        QuantType("q4_1", Q.Q4_1, F.MOSTLY_Q4_1),
+        QuantType("q5_0", Q.Q5_0, F.MOSTLY_Q5_0),
+        QuantType("q5_1", Q.Q5_1, F.MOSTLY_Q5_1),
+        QuantType("q4_k_s", Q.Q4_K, F.MOSTLY_Q4_K_S),
+        QuantType("q4_k_m", Q.Q4_K, F.MOSTLY_Q4_K_M),
+        QuantType("q5_k_s", Q.Q5_K, F.MOSTLY_Q5_K_S),
+        QuantType("q5_k_m", Q.Q5_K, F.MOSTLY_Q5_K_M),
+        QuantType("q6_k", Q.Q6_K, F.MOSTLY_Q6_K),
+    )
 }
+# llama-quantize accepts the bare K names as the small recipes; so do we.
+_ALIASES = {"q4_k": "q4_k_s", "q5_k": "q5_k_s"}
 
 _KQUANTS = {Q.Q4_K: kquants.quantize_q4_k, Q.Q5_K: kquants.quantize_q5_k, Q.Q6_K: kquants.quantize_q6_k}
 
@@ -53,24 +67,16 @@ def quant_type(name: str) -> QuantType:
     Raises:
         ValueError: an unknown name; the message lists the known ones.
     """
-    key = name.lower()
+    key = str(name).lower()
+    key = _ALIASES.get(key, key)
     if key not in QUANT_TYPES:
         raise ValueError(f"Unknown GGUF quantization {name!r}; choose one of {sorted(QUANT_TYPES)}.")
     return QUANT_TYPES[key]
 
 
-def tensor_type(requested: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> gguf.GGMLQuantizationType:
-    """The type one tensor is stored in.
-
-    1-D tensors (norms, biases, rope factors) stay F32, as llama.cpp keeps them. A weight whose rows are not a whole
-    number of blocks falls back to Q8_0 (blocks of 32) when it fits, else F16.
-    """
-    if len(shape) < 2:
-        return Q.F32
-    block = gguf.GGML_QUANT_SIZES[requested][0]
-    if shape[-1] % block == 0:
-        return requested
-    return Q.Q8_0 if shape[-1] % 32 == 0 else Q.F16
+def block_size(qtype: gguf.GGMLQuantizationType) -> int:
+    """Values per block of ``qtype`` (1 for the float types)."""
+    return gguf.GGML_QUANT_SIZES[qtype][0]
 
 
 def tensor_nbytes(qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> int:

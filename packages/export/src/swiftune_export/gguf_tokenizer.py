@@ -1,4 +1,4 @@
-"""A byte-level BPE tokenizer (GPT-2, Llama-3, Qwen2 style) written as GGUF ``tokenizer.*`` metadata.
+"""A byte-level BPE tokenizer (GPT-2, SmolLM, Llama-3, Qwen2 style) written as GGUF ``tokenizer.*`` metadata.
 
 Read from the model folder's tokenizer.json (the vocabulary, which tokens are special, the pre-tokenizer regex);
 merges, special token ids, add_bos/add_eos and the chat template come from gguf's ``SpecialVocab``, which is
@@ -62,7 +62,15 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     """
     pre = tokenizer_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
+    parts = pre.get("pretokenizers") or []
+    if (
+        pre.get("type") == "Sequence"
+        and [p.get("type") for p in parts] == ["Digits", "ByteLevel"]
+        and parts[0].get("individual_digits")
+        and parts[1].get("use_regex", True)
+    ):
+        return "smollm"  # single digits split off, then GPT-2's regex (SmolLM, StarCoder)
     splits = [p for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
     if pre.get("type") == "Sequence" and len(splits) == 1:
         regex = (splits[0].get("pattern") or {}).get("Regex")
@@ -70,8 +78,8 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
             if regex == known:
                 return name
     raise ValueError(
-        "The tokenizer's pre-tokenizer is not one llama.cpp names (gpt2, llama-bpe, qwen2); a GGUF of it would "
-        "split text differently from the model's training. Convert with llama.cpp's convert_hf_to_gguf.py instead."
+        "The tokenizer's pre-tokenizer is not one llama.cpp names (gpt-2, smollm, llama-bpe, qwen2); a GGUF of it "
+        "would split text differently from the model's training; convert with llama.cpp's convert_hf_to_gguf.py."
     )
 
 
@@ -103,8 +111,9 @@ def token_list(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[i
     return tokens, types
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
-    """Write the ``tokenizer.ggml.*`` keys and the chat template of the tokenizer in ``model_dir``."""
+def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> list[str]:
+    """Write the ``tokenizer.ggml.*`` keys and the chat template of the tokenizer in ``model_dir``; return the
+    token list."""
     data = load_tokenizer_json(model_dir)
     tokens, types = token_list(data, vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -118,3 +127,17 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
     special.add_special_token.setdefault("bos", False)
     special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(writer, quiet=True)
+    return tokens
+
+
+def model_name(folder_name: str, tokens: list[str]) -> str:
+    """The ``general.name`` to write: the folder's name, unless llama.cpp would read it as Phi-3's.
+
+    llama.cpp sets token attributes by model name: a name containing "phi3" or "phi-3" makes it look up
+    ``</s>``, ``<unk>``, ``<s>`` and ``<|endoftext|>`` in the vocabulary and fail to load when one is missing.
+    """
+    lowered = folder_name.lower()
+    needed = {"</s>", "<unk>", "<s>", "<|endoftext|>"}
+    if ("phi3" in lowered or "phi-3" in lowered) and not needed <= set(tokens):
+        return "model"
+    return folder_name

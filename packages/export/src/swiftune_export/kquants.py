@@ -71,18 +71,30 @@ def _fit_affine(x: np.ndarray, levels: int, steps: int = 20) -> tuple[np.ndarray
     """Per sub-block (last axis) scale >= 0 and min <= 0 such that x ~= scale * q + min, q in [0, levels].
 
     Tries inverse scales (levels - 1 + 0.1 k) / range for k = 0..steps, refits scale and min by least squares
-    on each candidate's q, and keeps the smallest squared error.
+    on each candidate's q, and keeps the smallest squared error. The error of a fit comes from the sums the fit
+    already has (sum (s q + o - x)^2 expanded). The work runs on the transposed values (32 rows, one column per
+    sub-block), so that every per-sub-block factor broadcasts along contiguous rows and every sum adds whole rows.
     """
-    low = np.minimum(x.min(axis=-1, keepdims=True), 0.0)
-    span = x.max(axis=-1, keepdims=True) - low
+    shape = x.shape[:-1]
+    xt = np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
+    count = xt.shape[0]
+    low = np.minimum(xt.min(axis=0), 0.0)
+    span = xt.max(axis=0) - low
     span = np.where(span > 0, span, 1.0)
-    count = x.shape[-1]
-    sum_x = x.sum(axis=-1, keepdims=True)
+    shifted = xt - low
+    sum_x = xt.sum(axis=0)
+    sum_xx = np.einsum("ij,ij->j", xt, xt)
     best_scale, best_min = span / levels, low
     best_err = np.full(low.shape, np.inf, dtype=np.float32)
+    q = np.empty_like(xt)
+    product = np.empty_like(xt)
     for k in range(steps + 1):
-        q = np.clip(np.rint((x - low) * ((levels - 1.0 + 0.1 * k) / span)), 0, levels)
-        sum_q, sum_qq, sum_qx = q.sum(-1, keepdims=True), (q * q).sum(-1, keepdims=True), (q * x).sum(-1, keepdims=True)
+        np.multiply(shifted, (levels - 1.0 + 0.1 * k) / span, out=q)
+        np.rint(q, out=q)
+        np.clip(q, 0, levels, out=q)
+        sum_q = q.sum(axis=0)
+        sum_qq = np.multiply(q, q, out=product).sum(axis=0)
+        sum_qx = np.multiply(q, xt, out=product).sum(axis=0)
         det = count * sum_qq - sum_q * sum_q
         safe_det = np.where(det > 0, det, 1.0)
         scale = np.where(det > 0, (count * sum_qx - sum_q * sum_x) / safe_det, 0.0)
@@ -91,12 +103,19 @@ def _fit_affine(x: np.ndarray, levels: int, steps: int = 20) -> tuple[np.ndarray
         positive = offset > 0
         scale = np.where(positive, sum_qx / np.where(sum_qq > 0, sum_qq, 1.0), scale)
         offset = np.where(positive, 0.0, offset)
-        err = np.square(scale * q + offset - x).sum(-1, keepdims=True)
+        err = (
+            scale * scale * sum_qq
+            + 2 * scale * offset * sum_q
+            - 2 * scale * sum_qx
+            + count * offset * offset
+            - 2 * offset * sum_x
+            + sum_xx
+        )
         better = (err < best_err) & (scale > 0)
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
         best_min = np.where(better, offset, best_min)
-    return best_scale[..., 0], -best_min[..., 0]
+    return best_scale.reshape(shape), -best_min.reshape(shape)
 
 
 def _six_bit(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -154,23 +173,31 @@ def _fit_symmetric(x: np.ndarray, steps: int = 9) -> np.ndarray:
     """Per sub-block (last axis) signed scale such that x ~= scale * q, q in [-32, 31].
 
     The candidates map the largest-magnitude value to -(32 + 0.1 k), k = -steps..steps (the negative side has the
-    extra level); each is refit by least squares and the smallest squared error is kept.
+    extra level); each is refit by least squares and the smallest squared error is kept. Transposed as in
+    ``_fit_affine``.
     """
-    idx = np.abs(x).argmax(axis=-1)[..., None]
-    extreme = np.take_along_axis(x, idx, axis=-1)
+    shape = x.shape[:-1]
+    xt = np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
+    idx = np.abs(xt).argmax(axis=0)
+    extreme = xt[idx, np.arange(xt.shape[1])]
     safe = np.where(extreme != 0, extreme, 1.0)
     best_scale = np.zeros(extreme.shape, dtype=np.float32)
     best_err = np.full(extreme.shape, np.inf, dtype=np.float32)
-    sum_xx = (x * x).sum(-1, keepdims=True)
+    sum_xx = np.einsum("ij,ij->j", xt, xt)
+    q = np.empty_like(xt)
+    product = np.empty_like(xt)
     for k in range(-steps, steps + 1):
-        q = np.clip(np.rint(x * (-(32.0 + 0.1 * k) / safe)), -32, 31)
-        sum_qq, sum_qx = (q * q).sum(-1, keepdims=True), (q * x).sum(-1, keepdims=True)
+        np.multiply(xt, -(32.0 + 0.1 * k) / safe, out=q)
+        np.rint(q, out=q)
+        np.clip(q, -32, 31, out=q)
+        sum_qq = np.multiply(q, q, out=product).sum(axis=0)
+        sum_qx = np.multiply(q, xt, out=product).sum(axis=0)
         scale = np.where(sum_qq > 0, sum_qx / np.where(sum_qq > 0, sum_qq, 1.0), 0.0)
         err = sum_xx - scale * sum_qx
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
-    return best_scale[..., 0]
+    return best_scale.reshape(shape)
 
 
 def _q6_k_blocks(blocks: np.ndarray) -> np.ndarray:

@@ -2,22 +2,18 @@
 
 W' = W + scale * B @ A, computed in float32 and cast back to the base dtype, where scale = lora_alpha / r
 (or lora_alpha / sqrt(r) with rsLoRA). Only one base tensor and the adapter are in memory at a time, plus the
-output shard being filled.
+output shard being filled. 4-bit bases are dequantized first (``nf4``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-
-from swiftune_export.atomic import atomic_directory
-from swiftune_export.safetensors_files import ShardedWriter, iter_tensors, weight_files
 
 # Files copied from the adapter (or base) folder so that the merged folder is self-contained.
 _TOKENIZER_FILES = (
@@ -48,12 +44,21 @@ def load_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"'{adapter_dir}' is not a LoRA adapter folder: it needs adapter_config.json and adapter_model.safetensors."
         )
     config = json.loads(config_path.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
+    check_lora_config(config)
+    return config, load_file(str(weights_path))
+
+
+def check_lora_config(config: dict) -> None:
+    """Refuse adapters this merge does not support.
+
+    Raises:
+        ValueError: not a LoRA adapter, or a LoRA variant (DoRA, LoRA bias) that is not merged here.
+    """
+    if str(config.get("peft_type", "LORA")).split(".")[-1] != "LORA":
         raise ValueError(f"Only LoRA adapters can be merged, this one is {config.get('peft_type')}.")
     for key, name in _UNSUPPORTED.items():
         if config.get(key):
             raise ValueError(f"Adapters trained with {name} cannot be merged by this version yet.")
-    return config, load_file(str(weights_path))
 
 
 def lora_scale(config: dict, module_name: str) -> float:
@@ -87,56 +92,32 @@ def _group_adapter(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str
     return pairs, full
 
 
-def merge_adapter(
-    adapter_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    base_dir: str | os.PathLike | None = None,
-    max_shard_bytes: int = 2 * 1024**3,
-    overwrite: bool = False,
-) -> Path:
-    """Write the base model with the LoRA adapter merged in, as sharded safetensors that plain transformers loads.
+def merged_tensors(
+    base: Iterable[tuple[str, torch.Tensor]], config: dict, adapter: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the base model's tensors with the LoRA adapter merged in, one tensor at a time.
 
     Args:
-        adapter_dir: a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
-        out_dir: the folder to create; it appears complete or not at all.
-        base_dir: the base model folder; defaults to the adapter config's ``base_model_name_or_path``.
-        max_shard_bytes: largest safetensors shard.
-        overwrite: replace an existing non-empty ``out_dir``.
-
-    Returns:
-        ``out_dir`` as a Path.
+        base: (name, tensor) of the base model in checkpoint naming (4-bit weights already dequantized).
+        config: the adapter's config (adapter_config.json as a dict).
+        adapter: the adapter's tensors in peft's saved naming (``base_model.model.<module>.lora_A.weight``).
 
     Raises:
-        FileNotFoundError: the adapter, the base model or their files are missing.
-        ValueError: the adapter does not fit the base model.
+        ValueError: the adapter does not fit the base model (checked as the stream ends).
     """
-    adapter_dir = Path(adapter_dir).expanduser()
-    config, adapter = load_adapter(adapter_dir)
-    base_dir = Path(base_dir if base_dir is not None else config.get("base_model_name_or_path") or "").expanduser()
-    if not (base_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"Base model folder '{base_dir}' not found (or has no config.json); pass base_dir= the model the adapter "
-            "was trained on."
-        )
-    files = weight_files(base_dir)
     pairs, full = _group_adapter(adapter)
     remaining = set(pairs)
-    with atomic_directory(out_dir, overwrite=overwrite) as staging:
-        writer = ShardedWriter(staging, max_shard_bytes)
-        for name, tensor in iter_tensors(files):
-            module = name.removesuffix(".weight")
-            if name in full:
-                tensor = full.pop(name).to(tensor.dtype)
-            elif name.endswith(".weight") and module in pairs:
-                tensor = _merged(tensor, pairs[module], lora_scale(config, module), name)
-                remaining.discard(module)
-            writer.add(name, tensor)
-        writer.close()
-        missing = sorted(remaining) + sorted(full)
-        if missing:
-            raise ValueError(f"The adapter has weights for modules the base model lacks: {missing[:5]}.")
-        _copy_side_files(base_dir, adapter_dir, staging)
-    return Path(out_dir)
+    for name, tensor in base:
+        module = name.removesuffix(".weight")
+        if name in full:
+            tensor = full.pop(name).to(tensor.dtype)
+        elif name.endswith(".weight") and module in pairs:
+            tensor = _merged(tensor, pairs[module], lora_scale(config, module), name)
+            remaining.discard(module)
+        yield name, tensor
+    missing = sorted(remaining) + sorted(full)
+    if missing:
+        raise ValueError(f"The adapter has weights for modules the base model lacks: {missing[:5]}.")
 
 
 def _merged(weight: torch.Tensor, pair: dict[str, torch.Tensor], scale: float, name: str) -> torch.Tensor:
@@ -148,14 +129,3 @@ def _merged(weight: torch.Tensor, pair: dict[str, torch.Tensor], scale: float, n
             f"LoRA shapes {tuple(b.shape)} @ {tuple(a.shape)} do not fit {name} of shape {tuple(weight.shape)}."
         )
     return (weight.to(torch.float32) + scale * (b @ a)).to(weight.dtype)
-
-
-def _copy_side_files(base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
-    for name in ("config.json", "generation_config.json"):
-        if (base_dir / name).is_file():
-            shutil.copy2(base_dir / name, out_dir / name)
-    # The adapter folder's tokenizer is the one training used (it may hold repairs); else the base one.
-    source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
-    for name in _TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, out_dir / name)

@@ -1,4 +1,9 @@
-"""Reading a model folder's safetensors weights one tensor at a time, and writing sharded output with an index."""
+"""Reading a model folder's safetensors weights one tensor at a time, and writing sharded output with an index.
+
+Shards are written here rather than with ``safetensors.torch.save_file``, which first turns every tensor of a shard
+into a bytes object (twice the shard in memory) and reports a full disk as an untyped error; this writer streams
+each tensor's bytes to the file and lets the OS error (ENOSPC, EFBIG) through as an ``OSError``.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,22 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
+
+# torch dtype -> safetensors dtype name (the format's spelling).
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -42,6 +60,49 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, handle.get_tensor(name)
 
 
+def header_bytes(files: list[Path]) -> int:
+    """Bytes of all tensors in the files, from their headers only."""
+    total = 0
+    for path in files:
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        total += sum(
+            entry["data_offsets"][1] - entry["data_offsets"][0] for key, entry in header.items() if key[:2] != "__"
+        )
+    return total
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as one safetensors file, one tensor's bytes at a time.
+
+    Raises:
+        ValueError: a dtype the safetensors format has no name for.
+        OSError: the file system refused the data (a full disk: ENOSPC; a file size limit: EFBIG).
+    """
+    header: dict[str, dict] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"Tensor '{name}' has dtype {tensor.dtype}, which safetensors cannot store.")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the reference writer does
+    with path.open("wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            # Byte view of the tensor's own storage: no copy for contiguous CPU tensors.
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            handle.write(memoryview(data.numpy()))
+
+
 class ShardedWriter:
     """Collects tensors and writes them as safetensors shards of at most ``max_shard_bytes``, plus an index.
 
@@ -69,7 +130,7 @@ class ShardedWriter:
 
     def close(self) -> list[Path]:
         """Write the last shard, rename shards to ``model-0000i-of-0000n.safetensors`` and write the index."""
-        if self._pending:
+        if self._pending or not self._shards:
             self._flush()
         count = len(self._shards)
         if count == 1:
@@ -87,6 +148,6 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         path = self.out_dir / f"shard-{len(self._shards)}.tmp"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        write_safetensors(path, self._pending)
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0

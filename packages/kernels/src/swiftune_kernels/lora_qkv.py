@@ -6,9 +6,15 @@ projection, plus each adapter's own copy of its input) and sums three dx. Here x
 
     dx = dq @ Wq + dk @ Wk + dv @ Wv + dxa_q @ Aq + dxa_k @ Ak + dxa_v @ Av
 
-Each base weight (dense, or bitsandbytes 4-bit dequantized on the fly by the Triton NF4 kernel, one at a time) is
-frozen and gets no gradient. Same math as three :func:`swiftune_kernels.lora_linear.lora_linear` calls.
-Applies to peft LoRA layers with dropout 0, no bias and no DoRA.
+Each base weight (dense, or bitsandbytes 4-bit dequantized on the fly by the Triton NF4 kernel) is frozen and gets
+no gradient. Same math as three :func:`swiftune_kernels.lora_linear.lora_linear` calls. Applies to peft LoRA layers
+with dropout 0, no bias and no DoRA.
+
+Two variants (:data:`CONFIG`): "separate" runs the three projections one after another (one dequantized weight
+alive at a time); "fused" stacks the three adapters' A into one (sum r, hidden) matrix, so that x @ A.T, dA and
+dxa @ A are one thin matmul each instead of three (each of the three reads or writes all of x or dx), and dequantizes
+4-bit bases into one (q_out + k_out + v_out, hidden) buffer used by one base matmul in forward (q, k, v are then
+column slices of one (tokens, q_out + k_out + v_out) output) and by the dx matmuls in backward, freed right after.
 """
 
 from __future__ import annotations
@@ -21,33 +27,126 @@ from swiftune_kernels.lora_linear import (
     cast_grad,
     check_input,
     check_projection,
+    materialize_weight,
     project_backward,
     project_forward,
+    weight_shape,
 )
+from swiftune_kernels.nf4 import dequantize_nf4
 from swiftune_kernels.reference import lora as _reference
 
 _NAMES = ("q", "k", "v")
+VARIANTS = ("separate", "fused")
+# Default (one line to switch to a sweep's winner, benchmarks/sweep_kernels.py): the variant; for "fused",
+# "dense_concat" also stacks dense (bf16) bases into one buffer (a copy of the three weights a pass) for one base
+# matmul, and "dy_concat" copies dq, dk, dv side by side so that the base part of dx is one matmul, not three.
+CONFIG = {"variant": "fused", "dense_concat": False, "dy_concat": True}
+
+
+def _stacked_weight(weights, dtype: torch.dtype, device) -> torch.Tensor:
+    """The three base weights as one (sum of out, hidden) buffer: 4-bit ones dequantized straight into its rows."""
+    shapes = [weight_shape(w) for w in weights]
+    buffer = torch.empty(sum(s[0] for s in shapes), shapes[0][1], dtype=dtype, device=device)
+    start = 0
+    for w, (rows, _) in zip(weights, shapes, strict=True):
+        block = buffer[start : start + rows]
+        if _reference.is_quantized(w) and dtype in (torch.bfloat16, torch.float16, torch.float32):
+            dequantize_nf4(w.data, w.quant_state, dtype, out=block)
+        else:
+            block.copy_(materialize_weight(w, dtype))
+        start += rows
+    return buffer
+
+
+def _bounds(sizes) -> list[slice]:
+    starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [slice(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def _fused_forward(ctx, x2, adapters, weights, scales):
+    a_cat = torch.cat([a for a, _ in adapters])  # (sum r, hidden)
+    xa = torch.mm(x2, a_cat.t())
+    outs_n = [weight_shape(w)[0] for w in weights]
+    cols, ranks = _bounds(outs_n), _bounds([a.shape[0] for a, _ in adapters])
+    stack = CONFIG["dense_concat"] or any(_reference.is_quantized(w) for w in weights)
+    if stack:
+        w_cat = _stacked_weight(weights, x2.dtype, x2.device)
+        y = torch.mm(x2, w_cat.t())
+        del w_cat
+    else:
+        y = torch.empty(x2.shape[0], sum(outs_n), dtype=x2.dtype, device=x2.device)
+        for w, col in zip(weights, cols, strict=True):
+            torch.mm(x2, materialize_weight(w, x2.dtype).t(), out=y[:, col])
+    for (_, b), s, col, rank in zip(adapters, scales, cols, ranks, strict=True):
+        y[:, col].addmm_(xa[:, rank], b.t(), alpha=s)
+    ctx.save_for_backward(x2, xa, a_cat, *(b for _, b in adapters))
+    ctx.cols, ctx.ranks, ctx.stack = cols, ranks, stack
+    return [y[:, col] for col in cols]
+
+
+def _fused_backward(ctx, dys):
+    x2, xa, a_cat, *bs = ctx.saved_tensors
+    need_x, need = ctx.needs_input_grad[0], ctx.needs_input_grad[1:7]
+    need_a, need_b = any(need[0::2]), need[1::2]
+    dys = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
+    dxa = None
+    if need_a or need_x:
+        dxa = torch.empty(x2.shape[0], a_cat.shape[0], dtype=x2.dtype, device=x2.device)
+        for dy, b, s, rank in zip(dys, bs, ctx.scales, ctx.ranks, strict=True):
+            torch.mm(dy, b, out=dxa[:, rank]).mul_(s)
+    dbs = [
+        torch.mm(dy.t(), xa[:, rank]).mul_(s) if nb else None
+        for dy, s, rank, nb in zip(dys, ctx.scales, ctx.ranks, need_b, strict=True)
+    ]
+    da_cat = torch.mm(dxa.t(), x2) if need_a else None
+    das = [da_cat[rank] if na else None for rank, na in zip(ctx.ranks, need[0::2], strict=True)]
+    dx = None
+    if need_x:
+        if ctx.stack:
+            w_cat = _stacked_weight(ctx.weights, x2.dtype, x2.device)
+            if CONFIG["dy_concat"]:
+                dx = torch.mm(torch.cat(dys, dim=1), w_cat)
+            else:
+                for dy, col in zip(dys, ctx.cols, strict=True):
+                    dx = torch.mm(dy, w_cat[col]) if dx is None else dx.addmm_(dy, w_cat[col])
+            del w_cat
+        else:
+            for dy, w in zip(dys, ctx.weights, strict=True):
+                w_ = materialize_weight(w, dy.dtype)
+                dx = torch.mm(dy, w_) if dx is None else dx.addmm_(dy, w_)
+        dx = dx.addmm_(dxa, a_cat).reshape(ctx.x_shape)
+    grads = []
+    for i in range(3):
+        grads += [cast_grad(das[i], ctx.dtypes[2 * i]), cast_grad(dbs[i], ctx.dtypes[2 * i + 1])]
+    return dx, grads
 
 
 class LoRAQKVFunction(torch.autograd.Function):
     """Autograd of the q, k, v LoRA projections of one x; saves x once and three (T, r) intermediates."""
 
     @staticmethod
-    def forward(ctx, x, q_a, q_b, k_a, k_b, v_a, v_b, q_w, k_w, v_w, q_s, k_s, v_s):
+    def forward(ctx, x, q_a, q_b, k_a, k_b, v_a, v_b, q_w, k_w, v_w, q_s, k_s, v_s, variant="separate"):
         x2 = x.reshape(-1, x.shape[-1])
         adapters = [(a.to(x.dtype), b.to(x.dtype)) for a, b in ((q_a, q_b), (k_a, k_b), (v_a, v_b))]
+        ctx.weights, ctx.scales, ctx.x_shape = (q_w, k_w, v_w), (q_s, k_s, v_s), x.shape
+        ctx.dtypes = tuple(t.dtype for t in (q_a, q_b, k_a, k_b, v_a, v_b))
+        ctx.variant = variant
+        if variant == "fused":
+            outs = _fused_forward(ctx, x2, adapters, ctx.weights, ctx.scales)
+            return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs)
         outs, xas = [], []
-        for (a_, b_), w, s in zip(adapters, (q_w, k_w, v_w), (q_s, k_s, v_s), strict=True):
+        for (a_, b_), w, s in zip(adapters, ctx.weights, ctx.scales, strict=True):
             y, xa = project_forward(x2, w, a_, b_, s)
             outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
             xas.append(xa)
         ctx.save_for_backward(x2, *xas, *(t for pair in adapters for t in pair))
-        ctx.weights, ctx.scales, ctx.x_shape = (q_w, k_w, v_w), (q_s, k_s, v_s), x.shape
-        ctx.dtypes = tuple(t.dtype for t in (q_a, q_b, k_a, k_b, v_a, v_b))
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
+        if ctx.variant == "fused":
+            dx, grads = _fused_backward(ctx, (dq, dk, dv))
+            return (dx, *grads, None, None, None, None, None, None, None)
         x2, *rest = ctx.saved_tensors
         xas, ab = rest[:3], rest[3:]
         need_x = ctx.needs_input_grad[0]
@@ -61,7 +160,7 @@ class LoRAQKVFunction(torch.autograd.Function):
                 dx = accumulate_dx(dx, dy2, ctx.weights[i], dxa, a_)
             grads += [cast_grad(da, ctx.dtypes[2 * i]), cast_grad(db, ctx.dtypes[2 * i + 1])]
         dx = dx.reshape(ctx.x_shape) if need_x else None
-        return (dx, *grads, None, None, None, None, None, None)
+        return (dx, *grads, None, None, None, None, None, None, None)
 
 
 def lora_qkv(
@@ -99,5 +198,8 @@ def lora_qkv(
     for name, (w, a, b, s) in zip(_NAMES, projections, strict=True):
         check_projection(f"{name}_", x, w, a, b, s, x.shape[-1])
     if use_triton(x):
-        return LoRAQKVFunction.apply(x, q_a, q_b, k_a, k_b, v_a, v_b, q_w, k_w, v_w, float(q_s), float(k_s), float(v_s))
+        variant = CONFIG["variant"]
+        assert variant in VARIANTS, variant
+        scales = (float(q_s), float(k_s), float(v_s))
+        return LoRAQKVFunction.apply(x, q_a, q_b, k_a, k_b, v_a, v_b, q_w, k_w, v_w, *scales, variant)
     return _reference.lora_qkv(x, q_w, q_a, q_b, q_s, k_w, k_a, k_b, k_s, v_w, v_a, v_b, v_s)

@@ -1,10 +1,11 @@
 """Dequantization of bitsandbytes' 4-bit weights (NF4, double quantization included) in one Triton pass.
 
 Memory-bound: reads n/2 bytes of packed indices (plus one scale per block) and writes n 16-bit values, so the
-floor is ~2.5 bytes an element. One program covers whole quantization blocks, a (BLOCKS_PER_PROGRAM, BLOCK_COLS)
-tile of ~4096 elements: each block's scale (double-quantized or not) is computed once and broadcast along its
-row, and the 16-entry code table is a gather that stays in L1. The math (and its exact float32 rounding order) is
-documented in :mod:`swiftune_kernels.reference.nf4`; the result is bit-identical to ``dequantize_4bit``.
+floor is ~2.5 bytes an element. Two kernels, chosen by :data:`CONFIG` (benchmarks/sweep_kernels.py times them):
+"elements" covers whole quantization blocks, a (BLOCKS_PER_PROGRAM, BLOCK_COLS) tile of ~4096 elements, gathering
+each element's byte and code entry; "bytes" loads a run of packed bytes (or int32 words) as vectors, decodes both
+nibbles of each and stores the interleaved values as one contiguous run. The math (and its exact float32 rounding
+order) is documented in :mod:`swiftune_kernels.reference.nf4`; the result is bit-identical to ``dequantize_4bit``.
 
 The weight is frozen, so there is no autograd Function: the output never requires grad.
 """
@@ -12,6 +13,7 @@ The weight is frozen, so there is no autograd Function: the output never require
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import triton
@@ -21,6 +23,35 @@ from swiftune_kernels.dispatch import check_same_device, use_triton
 from swiftune_kernels.reference import nf4 as _reference
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    # plain Python: triton.cdiv / next_power_of_2 are constexpr functions that cost ~10 us a call on the host
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@triton.jit
+def _block_scales(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blocks, n_blocks, BLOCKSIZE2, NESTED: tl.constexpr):
+    block_mask = blocks < n_blocks
+    if NESTED:
+        qabsmax = tl.load(absmax_ptr + blocks, mask=block_mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + blocks // BLOCKSIZE2, mask=block_mask, other=0.0)
+        # two roundings (product, then sum), as bitsandbytes does; the launcher turns off FMA contraction
+        return tl.load(code2_ptr + qabsmax, mask=block_mask, other=0.0) * scale2 + tl.load(offset_ptr)
+    return tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _round_to_bf16(w):
+    # round to nearest even by hand: Triton's interpreter truncates fp32 -> bf16, the GPU rounds; this gives
+    # the GPU's (and bitsandbytes') bits on both, so tests can ask for equality (the values are finite)
+    bits = w.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -41,18 +72,11 @@ def _nf4_dequantize_kernel(
     NESTED: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
+    # One output element at a time: its byte and its code entry are gathered per element (any block size).
     pid = tl.program_id(0)
     blocks = pid.to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     cols = tl.arange(0, BLOCK_COLS)
-    block_mask = blocks < n_blocks
-    if NESTED:
-        qabsmax = tl.load(absmax_ptr + blocks, mask=block_mask, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + blocks // BLOCKSIZE2, mask=block_mask, other=0.0)
-        # two roundings (product, then sum), as bitsandbytes does; the launcher turns off FMA contraction
-        absmax = tl.load(code2_ptr + qabsmax, mask=block_mask, other=0.0) * scale2 + tl.load(offset_ptr)
-    else:
-        absmax = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0).to(tl.float32)
-
+    absmax = _block_scales(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blocks, n_blocks, BLOCKSIZE2, NESTED)
     elem = blocks[:, None] * BLOCKSIZE + cols[None, :]
     mask = (cols < BLOCKSIZE)[None, :] & (elem < numel)
     byte = tl.load(packed_ptr + (elem >> 1), mask=mask, other=0).to(tl.int32)
@@ -60,28 +84,133 @@ def _nf4_dequantize_kernel(
     value = tl.load(code_ptr + index, mask=mask, other=0.0)
     w = value * absmax[:, None]
     if ROUND_BF16:
-        # round to nearest even by hand: Triton's interpreter truncates fp32 -> bf16, the GPU rounds; this gives
-        # the GPU's (and bitsandbytes') bits on both, so tests can ask for equality (the values are finite)
-        bits = w.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        w = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        w = _round_to_bf16(w)
     tl.store(out_ptr + elem, w, mask=mask)
 
 
-_TILE_ELEMENTS = 4096  # 16 outputs a thread at 8 warps: two 16-byte stores in bf16
+@triton.jit
+def _nf4_code_lookup(index, code_ptr, LUT: tl.constexpr):
+    if LUT == "tree":
+        # 16 scalars and a binary tree of selects on the index bits: ALU work, no memory access per element
+        b = (index & 1) != 0
+        l0 = tl.where(b, tl.load(code_ptr + 1), tl.load(code_ptr + 0))
+        l1 = tl.where(b, tl.load(code_ptr + 3), tl.load(code_ptr + 2))
+        l2 = tl.where(b, tl.load(code_ptr + 5), tl.load(code_ptr + 4))
+        l3 = tl.where(b, tl.load(code_ptr + 7), tl.load(code_ptr + 6))
+        l4 = tl.where(b, tl.load(code_ptr + 9), tl.load(code_ptr + 8))
+        l5 = tl.where(b, tl.load(code_ptr + 11), tl.load(code_ptr + 10))
+        l6 = tl.where(b, tl.load(code_ptr + 13), tl.load(code_ptr + 12))
+        l7 = tl.where(b, tl.load(code_ptr + 15), tl.load(code_ptr + 14))
+        b = (index & 2) != 0
+        m0, m1, m2, m3 = tl.where(b, l1, l0), tl.where(b, l3, l2), tl.where(b, l5, l4), tl.where(b, l7, l6)
+        b = (index & 4) != 0
+        n0, n1 = tl.where(b, m1, m0), tl.where(b, m3, m2)
+        return tl.where((index & 8) != 0, n1, n0)
+    return tl.load(code_ptr + index)  # a gather from a 64-byte table that stays in L1
 
 
-def dequantize_nf4_forward(packed: torch.Tensor, quant_state, out_dtype: torch.dtype) -> torch.Tensor:
-    """Launch the dequantization of ``packed`` into a new contiguous tensor of ``quant_state.shape``."""
+@triton.jit
+def _nf4_dequantize_bytes_kernel(
+    packed_ptr,
+    code_ptr,
+    absmax_ptr,
+    code2_ptr,
+    absmax2_ptr,
+    offset_ptr,
+    out_ptr,
+    numel,
+    n_blocks,
+    n_packed,
+    PACKED_PER_BLOCK: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    UNITS_PER_PROGRAM: tl.constexpr,
+    PER_UNIT: tl.constexpr,
+    NESTED: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    LUT: tl.constexpr,
+    WORDS: tl.constexpr,
+):
+    # A run of packed units loaded as contiguous vectors: bytes, or with WORDS int32 words of 4 bytes (8 indices;
+    # little-endian, so byte i of a word is bits 8i..8i+7). A unit never straddles two blocks: one scale a unit.
+    # Each unit's indices are decoded along a new last axis in element order, so the flattened tile is the output
+    # run: one contiguous store. n_packed comes from the host, so that Triton knows its divisibility and vectorizes.
+    start = tl.program_id(0).to(tl.int64) * UNITS_PER_PROGRAM
+    unit = start + tl.arange(0, UNITS_PER_PROGRAM)
+    packed = tl.load(packed_ptr + unit, mask=unit < n_packed, other=0).to(tl.int32)
+    scale = _block_scales(
+        absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, unit // PACKED_PER_BLOCK, n_blocks, BLOCKSIZE2, NESTED
+    )
+    if LUT == "pair":
+        # code_ptr is a (256, 2) table of (code[byte >> 4], code[byte & 15]): one 8-byte gather a byte
+        if WORDS:
+            byte = (packed[:, None] >> (tl.arange(0, 4) * 8)[None, :]) & 255
+            pair = tl.load(code_ptr + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
+            w = pair * scale[:, None, None]
+        else:
+            w = tl.load(code_ptr + packed[:, None] * 2 + tl.arange(0, 2)[None, :]) * scale[:, None]
+    else:
+        # element 2i is the high nibble of byte i: shifts 4, 0 (byte 0), 12, 8 (byte 1), ...
+        k = tl.arange(0, PER_UNIT)
+        index = (packed[:, None] >> ((k // 2) * 8 + (1 - k % 2) * 4)[None, :]) & 15
+        w = _nf4_code_lookup(index, code_ptr, LUT) * scale[:, None]
+    w = tl.reshape(w, [UNITS_PER_PROGRAM * PER_UNIT])
+    if ROUND_BF16:
+        w = _round_to_bf16(w)
+    elem = start * PER_UNIT + tl.arange(0, UNITS_PER_PROGRAM * PER_UNIT)
+    tl.store(out_ptr + elem, w, mask=elem < numel)
+
+
+# Launch configuration (one line to switch to a sweep's winner, benchmarks/sweep_kernels.py): "elements" is the
+# kernel that gathers per output element, "bytes" the one that loads packed units as vectors; for "bytes": the code
+# lookup ("load": gather from the table, "tree": selects, "pair": a 256-entry table of value pairs), int32 words or
+# bytes as units, the packed bytes a program covers, its warps, and whether bf16 is rounded by hand on the GPU too
+# (always under the interpreter, which truncates).
+CONFIG = {
+    "kernel": "bytes",
+    "lut": "load",
+    "words": True,
+    "bytes_per_program": 2048,
+    "num_warps": 8,
+    "hand_round": True,
+}
+_TILE_ELEMENTS = 4096  # "elements": 16 outputs a thread at 8 warps: two 16-byte stores in bf16
+LUTS = ("load", "tree", "pair")
+
+
+# code table -> its (256, 2) pair table, keyed by the table's identity and version: building it takes ~6 small
+# launches, once per weight's table instead of once per call
+_PAIR_TABLES: dict[int, tuple] = {}
+
+
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    hit = _PAIR_TABLES.get(id(code))
+    if hit is not None and hit[0]() is code and hit[1] == code._version:
+        return hit[2]
+    index = torch.arange(256, device=code.device)
+    table = torch.stack((code[index >> 4], code[index & 15]), dim=1).contiguous()
+    if len(_PAIR_TABLES) >= 256:  # a bound, for programs that make many short-lived tables
+        _PAIR_TABLES.clear()
+    _PAIR_TABLES[id(code)] = (weakref.ref(code), code._version, table)
+    return table
+
+
+def dequantize_nf4_forward(
+    packed: torch.Tensor, quant_state, out_dtype: torch.dtype, out: torch.Tensor | None = None, **config
+) -> torch.Tensor:
+    """Launch the dequantization of ``packed`` into ``out`` (contiguous, ``quant_state.shape``; new if None).
+
+    ``config`` overrides entries of :data:`CONFIG` (the benchmarks' sweep).
+    """
+    config = {**CONFIG, **config}
     shape = tuple(quant_state.shape)
     numel = math.prod(shape)
-    out = torch.empty(shape, dtype=out_dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=packed.device)
+    assert out.is_contiguous() and out.numel() == numel and out.dtype == out_dtype
     if numel == 0:
         return out
     blocksize = int(quant_state.blocksize)
-    n_blocks = triton.cdiv(numel, blocksize)
-    block_cols = triton.next_power_of_2(blocksize)
-    per_program = max(1, _TILE_ELEMENTS // block_cols)
+    n_blocks = _cdiv(numel, blocksize)
     absmax = quant_state.absmax.reshape(-1)
     if quant_state.nested:
         state2 = quant_state.state2
@@ -90,11 +219,32 @@ def dequantize_nf4_forward(packed: torch.Tensor, quant_state, out_dtype: torch.d
     else:  # unused pointers: any valid tensor
         code2, absmax2, blocksize2, offset = absmax, absmax, 1, absmax
         absmax = absmax.float()
-    grid = (triton.cdiv(n_blocks, per_program),)
-    _nf4_dequantize_kernel[grid](
-        packed.reshape(-1), quant_state.code.float(), absmax, code2, absmax2, offset, out, numel, n_blocks,
-        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=per_program,
-        NESTED=bool(quant_state.nested), ROUND_BF16=out_dtype == torch.bfloat16, num_warps=8, enable_fp_fusion=False,
+    code = quant_state.code.float()
+    pointers = (packed.reshape(-1), code, absmax, code2, absmax2, offset, out, numel, n_blocks)
+    round_bf16 = out_dtype == torch.bfloat16 and (config["hand_round"] or not packed.is_cuda)
+    nested = bool(quant_state.nested)
+    if config["kernel"] == "bytes" and blocksize % 2 == 0:
+        assert config["lut"] in LUTS, config["lut"]
+        flat = packed.reshape(-1)
+        n_bytes = (numel + 1) // 2
+        # int32 words where whole words fall in whole blocks and the bytes are 4-byte aligned
+        words = config["words"] and blocksize % 8 == 0 and n_bytes % 4 == 0 and flat.data_ptr() % 4 == 0
+        unit_bytes = 4 if words else 1
+        units = max(1, config["bytes_per_program"] // unit_bytes)
+        code_table = _pair_table(code) if config["lut"] == "pair" else code
+        _nf4_dequantize_bytes_kernel[(_cdiv(n_bytes // unit_bytes, units),)](
+            flat.view(torch.int32) if words else flat, code_table, *pointers[2:], n_bytes // unit_bytes,
+            PACKED_PER_BLOCK=blocksize // (2 * unit_bytes), BLOCKSIZE2=blocksize2, UNITS_PER_PROGRAM=units,
+            PER_UNIT=8 if words else 2, NESTED=nested, ROUND_BF16=round_bf16, LUT=config["lut"], WORDS=words,
+            num_warps=config["num_warps"],
+            enable_fp_fusion=False,
+        )  # fmt: skip
+        return out
+    block_cols = _next_power_of_2(blocksize)
+    per_program = max(1, _TILE_ELEMENTS // block_cols)
+    _nf4_dequantize_kernel[(_cdiv(n_blocks, per_program),)](
+        *pointers, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=per_program,
+        NESTED=nested, ROUND_BF16=round_bf16, num_warps=8, enable_fp_fusion=False,
     )  # fmt: skip
     return out
 
@@ -132,7 +282,9 @@ def _check(packed: torch.Tensor, quant_state, out_dtype: torch.dtype) -> torch.T
     return packed.contiguous()
 
 
-def dequantize_nf4(packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(
+    packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Dequantize a bitsandbytes 4-bit weight (NF4, or FP4 through its code table), double quantization included.
 
     Bit-identical to ``bitsandbytes.functional.dequantize_4bit(packed, quant_state)``: each value is
@@ -144,13 +296,25 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out_dtype: torch.dtype | N
         quant_state: a ``bitsandbytes.functional.QuantState`` (or any object with its attributes ``absmax``,
             ``shape``, ``code``, ``blocksize``, ``quant_type``, ``dtype``, ``nested``, ``offset`` and ``state2``
             with its own ``absmax``, ``code`` and ``blocksize``).
-        out_dtype: bfloat16, float16 or float32; defaults to ``quant_state.dtype``.
+        out_dtype: bfloat16, float16 or float32; defaults to ``quant_state.dtype`` (to ``out``'s dtype with ``out``).
+        out: optional contiguous tensor of ``quant_state.shape``'s size to write into (e.g. rows of a buffer that
+            stacks several weights).
 
     Returns:
-        weight: ``quant_state.shape`` (e.g. (out_features, in_features)), contiguous, in ``out_dtype``.
+        weight: ``quant_state.shape`` (e.g. (out_features, in_features)), contiguous, in ``out_dtype``; ``out``
+        itself when given.
     """
-    out_dtype = getattr(quant_state, "dtype", None) if out_dtype is None else out_dtype
+    if out_dtype is None:
+        out_dtype = out.dtype if out is not None else getattr(quant_state, "dtype", None)
     packed = _check(packed, quant_state, out_dtype)
+    if out is not None:
+        numel = math.prod(tuple(quant_state.shape))
+        if not isinstance(out, torch.Tensor) or out.dtype != out_dtype or out.numel() != numel:
+            raise ValueError(f"out must be a {out_dtype} tensor of {numel} elements, got {getattr(out, 'shape', out)}.")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous (e.g. a block of rows of a contiguous buffer).")
+        check_same_device(packed=packed, out=out)
     if use_triton(packed):
-        return dequantize_nf4_forward(packed, quant_state, out_dtype)
-    return _reference.dequantize_nf4(packed, quant_state, out_dtype)
+        return dequantize_nf4_forward(packed, quant_state, out_dtype, out=out)
+    result = _reference.dequantize_nf4(packed, quant_state, out_dtype)
+    return result if out is None else out.copy_(result.reshape(out.shape))

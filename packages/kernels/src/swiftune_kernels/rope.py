@@ -4,10 +4,12 @@ Layout is transformers' (batch, heads, seq, head_dim), with any strides whose la
 ``q_proj(x).view(b, s, h, d).transpose(1, 2)`` (physically (batch, seq, heads, head_dim)) is read and written in
 place of its layout, with no copy. Outputs keep the layout of the inputs.
 
-One program owns ``BLOCK_S`` tokens of one sequence and a group of heads of q or of k: it loads (and gathers by
-position id) the cos/sin rows of its tokens once and reuses them for every head of its group; q and k groups share
-one grid so both tensors are rotated by one launch. The backward is the same kernel with the transposed rotation
-(for the usual tables, the rotation by -theta).
+Two kernels, chosen per layout by :data:`CONFIG` (benchmarks/sweep_kernels.py times them). "heads": one program
+owns ``BLOCK_S`` tokens of one sequence and a group of heads of q or of k; it loads (and gathers by position id)
+the cos/sin rows of its tokens once and reuses them for every head of its group; q and k groups share one grid so
+both tensors are rotated by one launch. "tokens": one program owns a few tokens with all their heads of q and k,
+which in transformers' layout are one contiguous run each, and loads their cos/sin rows once. The backward is the
+same kernel with the transposed rotation (for the usual tables, the rotation by -theta).
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ import triton.language as tl
 
 from swiftune_kernels.dispatch import check_floating, check_same_device, use_triton
 from swiftune_kernels.reference import rope as _reference
+
+
+def _cdiv(a: int, b: int) -> int:
+    # plain Python: triton.cdiv / next_power_of_2 are constexpr functions that cost ~10 us a call on the host
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 @triton.jit
@@ -83,56 +94,26 @@ def _rope_heads(
 
 
 @triton.jit
-def _rope_kernel(
-    q_ptr,
-    k_ptr,
-    q_out_ptr,
-    k_out_ptr,
+def _rope_tables(
     cos_ptr,
     sin_ptr,
     pos_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_qob,
-    stride_qoh,
-    stride_qos,
-    stride_kob,
-    stride_koh,
-    stride_kos,
     stride_cb,
     stride_cs,
     stride_pb,
     stride_ps,
-    seq_len,
-    n_q_heads,
-    n_k_heads,
-    n_q_groups,
-    heads_per_prog,
-    HEAD_DIM: tl.constexpr,
+    pid_b,
+    offs_s,
+    mask_s,
+    offs_i,
+    mask_i,
     ROTARY_DIM: tl.constexpr,
     HALF_TABLE: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     HAS_POS: tl.constexpr,
     BACKWARD: tl.constexpr,
-    COPY_TAIL: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-    BLOCK_TAIL: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    pid_g = tl.program_id(2)
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask_s = offs_s < seq_len
-    offs_i = tl.arange(0, BLOCK_HALF)
-    mask_i = offs_i < ROTARY_DIM // 2
-    offs_t = tl.arange(0, BLOCK_TAIL)
-    mask_t = offs_t < HEAD_DIM - ROTARY_DIM
-
+    # (cos_a, cos_b, sin_a, sin_b), each (BLOCK_S, BLOCK_HALF) in float32, for the tokens offs_s of batch pid_b
     if HAS_POS:
         rows = tl.load(pos_ptr + pid_b.to(tl.int64) * stride_pb + offs_s.to(tl.int64) * stride_ps, mask=mask_s, other=0)
         rows = rows.to(tl.int64)
@@ -164,6 +145,73 @@ def _rope_kernel(
         neg_sin_b = -sin_b
         sin_b = -sin_a
         sin_a = neg_sin_b
+    return cos_a, cos_b, sin_a, sin_b
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_qob,
+    stride_qoh,
+    stride_qos,
+    stride_kob,
+    stride_koh,
+    stride_kos,
+    stride_cb,
+    stride_cs,
+    stride_pb,
+    stride_ps,
+    seq_len,
+    n_q_heads,
+    n_k_heads,
+    n_q_groups,
+    n_groups,
+    n_s_blocks,
+    heads_per_prog,
+    HEAD_DIM: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    HALF_TABLE: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    COPY_TAIL: tl.constexpr,
+    GROUPS_FASTEST: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr,
+):
+    # GROUPS_FASTEST: consecutive programs take the head groups of the same tokens (in transformers' layout, one
+    # token's heads are contiguous), else the token blocks of the same heads (contiguous in the (b, h, s, d) layout).
+    pid = tl.program_id(0)
+    if GROUPS_FASTEST:
+        pid_g = pid % n_groups
+        pid_s = pid // n_groups
+    else:
+        pid_s = pid % n_s_blocks
+        pid_g = pid // n_s_blocks
+    pid_b = tl.program_id(1)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask_s = offs_s < seq_len
+    offs_i = tl.arange(0, BLOCK_HALF)
+    mask_i = offs_i < ROTARY_DIM // 2
+    offs_t = tl.arange(0, BLOCK_TAIL)
+    mask_t = offs_t < HEAD_DIM - ROTARY_DIM
+    cos_a, cos_b, sin_a, sin_b = _rope_tables(
+        cos_ptr, sin_ptr, pos_ptr, stride_cb, stride_cs, stride_pb, stride_ps, pid_b, offs_s, mask_s, offs_i, mask_i,
+        ROTARY_DIM, HALF_TABLE, INTERLEAVED, HAS_POS, BACKWARD,
+    )  # fmt: skip
 
     if pid_g < n_q_groups:
         head_start = pid_g * heads_per_prog
@@ -183,6 +231,128 @@ def _rope_kernel(
         )  # fmt: skip
 
 
+@triton.jit
+def _rope_token_heads(
+    x_ptr,
+    out_ptr,
+    stride_xb,
+    stride_xh,
+    stride_xs,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    pid_b,
+    n_heads,
+    offs_s,
+    mask_s,
+    offs_i,
+    mask_i,
+    offs_t,
+    mask_t,
+    cos_a,
+    cos_b,
+    sin_a,
+    sin_b,
+    ROTARY_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    COPY_TAIL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # (tokens, heads, channels) tiles: in transformers' layout one token's heads are one contiguous run
+    if INTERLEAVED:
+        col_a = 2 * offs_i
+        col_b = col_a + 1
+    else:
+        col_a = offs_i
+        col_b = offs_i + ROTARY_DIM // 2
+    cos_a, cos_b, sin_a, sin_b = cos_a[:, None, :], cos_b[:, None, :], sin_a[:, None, :], sin_b[:, None, :]
+    tokens = offs_s.to(tl.int64)[:, None, None]
+    x_tok = x_ptr + pid_b.to(tl.int64) * stride_xb + tokens * stride_xs
+    o_tok = out_ptr + pid_b.to(tl.int64) * stride_ob + tokens * stride_os
+    for h in range(0, n_heads, BLOCK_H):
+        heads = h + tl.arange(0, BLOCK_H)
+        mask_sh = mask_s[:, None, None] & (heads < n_heads)[None, :, None]
+        mask = mask_sh & mask_i[None, None, :]
+        x_h = x_tok + heads.to(tl.int64)[None, :, None] * stride_xh
+        o_h = o_tok + heads.to(tl.int64)[None, :, None] * stride_oh
+        x_a = tl.load(x_h + col_a[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        x_b = tl.load(x_h + col_b[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_h + col_a[None, None, :], x_a * cos_a - x_b * sin_a, mask=mask)
+        tl.store(o_h + col_b[None, None, :], x_b * cos_b + x_a * sin_b, mask=mask)
+        if COPY_TAIL:
+            mask_tail = mask_sh & mask_t[None, None, :]
+            tail = tl.load(x_h + ROTARY_DIM + offs_t[None, None, :], mask=mask_tail)
+            tl.store(o_h + ROTARY_DIM + offs_t[None, None, :], tail, mask=mask_tail)
+
+
+@triton.jit
+def _rope_tokens_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_qob,
+    stride_qoh,
+    stride_qos,
+    stride_kob,
+    stride_koh,
+    stride_kos,
+    stride_cb,
+    stride_cs,
+    stride_pb,
+    stride_ps,
+    seq_len,
+    n_q_heads,
+    n_k_heads,
+    HEAD_DIM: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    HALF_TABLE: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    COPY_TAIL: tl.constexpr,
+    SPLIT_QK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr,
+):
+    # One program: BLOCK_S tokens, all their heads of q and k (SPLIT_QK: of q or of k), the cos/sin rows loaded once.
+    pid_b = tl.program_id(1)
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask_s = offs_s < seq_len
+    offs_i = tl.arange(0, BLOCK_HALF)
+    mask_i = offs_i < ROTARY_DIM // 2
+    offs_t = tl.arange(0, BLOCK_TAIL)
+    mask_t = offs_t < HEAD_DIM - ROTARY_DIM
+    cos_a, cos_b, sin_a, sin_b = _rope_tables(
+        cos_ptr, sin_ptr, pos_ptr, stride_cb, stride_cs, stride_pb, stride_ps, pid_b, offs_s, mask_s, offs_i, mask_i,
+        ROTARY_DIM, HALF_TABLE, INTERLEAVED, HAS_POS, BACKWARD,
+    )  # fmt: skip
+    if not SPLIT_QK or tl.program_id(2) == 0:
+        _rope_token_heads(
+            q_ptr, q_out_ptr, stride_qb, stride_qh, stride_qs, stride_qob, stride_qoh, stride_qos, pid_b, n_q_heads,
+            offs_s, mask_s, offs_i, mask_i, offs_t, mask_t, cos_a, cos_b, sin_a, sin_b,
+            ROTARY_DIM, INTERLEAVED, COPY_TAIL, BLOCK_HQ,
+        )  # fmt: skip
+    if not SPLIT_QK or tl.program_id(2) == 1:
+        _rope_token_heads(
+            k_ptr, k_out_ptr, stride_kb, stride_kh, stride_ks, stride_kob, stride_koh, stride_kos, pid_b, n_k_heads,
+            offs_s, mask_s, offs_i, mask_i, offs_t, mask_t, cos_a, cos_b, sin_a, sin_b,
+            ROTARY_DIM, INTERLEAVED, COPY_TAIL, BLOCK_HK,
+        )  # fmt: skip
+
+
 # ~8 programs of 4 warps per SM of an H100 (132 SMs): below that, fewer heads a program
 _MIN_PROGRAMS = 1024
 # Launch shape: elements of one (BLOCK_S, BLOCK_HALF) tile, most heads a program, warps a program. Swept on an H100
@@ -191,6 +361,19 @@ _MIN_PROGRAMS = 1024
 _TILE_ELEMENTS = 1024
 _MAX_HEADS_PER_PROGRAM = 2
 _NUM_WARPS = 4
+# Launch configuration (one line to switch to a sweep's winner, benchmarks/sweep_kernels.py), per layout: "heads"
+# is _rope_kernel (a block of tokens a program, for a group of heads; "groups_fastest": consecutive programs take
+# the head groups of the same tokens, in transformers' layout only), "tokens" is _rope_tokens_kernel (a few tokens
+# a program with all their heads, cos/sin loaded once; "split_qk": q and k in separate programs of the launch).
+CONFIG = {
+    "hf_kernel": "tokens",
+    "contiguous_kernel": "heads",
+    "groups_fastest": False,
+    "tokens_per_program": 1,
+    "token_tile": 4096,
+    "token_warps": 2,
+    "split_qk": False,
+}
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -219,36 +402,57 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, rotary_dim, interleaved,
         pos, stride_pb, stride_ps = cos, 0, 0  # never read: HAS_POS is False
 
     half = rotary_dim // 2
-    block_half = triton.next_power_of_2(half)
+    block_half = _next_power_of_2(half)
     tail = head_dim - rotary_dim
-    block_tail = triton.next_power_of_2(max(tail, 1))
+    block_tail = _next_power_of_2(max(tail, 1))
+    heads_inner = q.stride(1) <= q.stride(2) and k.stride(1) <= k.stride(2)  # transformers' (b, s, h, d) storage
+    kernel = CONFIG["hf_kernel"] if heads_inner else CONFIG["contiguous_kernel"]
+    assert kernel in ("heads", "tokens"), kernel
+    args = (
+        q, k, q_out, k_out, cos, sin, pos,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        stride_cb, stride_cs, stride_pb, stride_ps, seq_len, n_q_heads, n_k_heads,
+    )  # fmt: skip
+    flags = dict(
+        HEAD_DIM=head_dim,
+        ROTARY_DIM=rotary_dim,
+        HALF_TABLE=cos.shape[-1] != rotary_dim,
+        INTERLEAVED=interleaved,
+        HAS_POS=position_ids is not None,
+        BACKWARD=backward,
+        COPY_TAIL=tail > 0 and (q_out.data_ptr() != q.data_ptr() or k_out.data_ptr() != k.data_ptr()),
+        BLOCK_HALF=block_half,
+        BLOCK_TAIL=block_tail,
+    )
+    if kernel == "tokens":
+        block_s = min(_next_power_of_2(seq_len), CONFIG["tokens_per_program"])
+        # heads a tile: as many as fit CONFIG["token_tile"] elements of one half of the rotated channels
+        heads_cap = max(1, CONFIG["token_tile"] // (block_s * max(block_half, block_tail)))
+        split = CONFIG["split_qk"]
+        _rope_tokens_kernel[(_cdiv(seq_len, block_s), batch, 2 if split else 1)](
+            *args, **flags, SPLIT_QK=split, BLOCK_S=block_s,
+            BLOCK_HQ=min(_next_power_of_2(n_q_heads), heads_cap),
+            BLOCK_HK=min(_next_power_of_2(n_k_heads), heads_cap), num_warps=CONFIG["token_warps"],
+        )  # fmt: skip
+        return
     # ~1024 elements per (BLOCK_S, BLOCK_HALF) tile: the 4 table tiles and 2 heads' data stay in registers
     # (72 a thread at 4 warps for head_dim 128 on sm_90, by ptxas), so ~7 programs reside per SM, each with
     # 8 KB of loads in flight: ~7 MB over an H100, well above bandwidth x latency (~2 MB).
-    block_s = max(1, min(triton.next_power_of_2(seq_len), _TILE_ELEMENTS // max(block_half, block_tail // 2), 128))
-    n_s_blocks = triton.cdiv(seq_len, block_s)
+    block_s = max(1, min(_next_power_of_2(seq_len), _TILE_ELEMENTS // max(block_half, block_tail // 2), 128))
+    n_s_blocks = _cdiv(seq_len, block_s)
     # Enough heads a program to amortize its cos/sin loads, but enough programs to fill an H100.
     heads_per_prog = _MAX_HEADS_PER_PROGRAM
     while (
         heads_per_prog > 1
-        and batch * n_s_blocks * (triton.cdiv(n_q_heads, heads_per_prog) + triton.cdiv(n_k_heads, heads_per_prog))
-        < _MIN_PROGRAMS
+        and batch * n_s_blocks * (_cdiv(n_q_heads, heads_per_prog) + _cdiv(n_k_heads, heads_per_prog)) < _MIN_PROGRAMS
     ):
         heads_per_prog //= 2
-    n_q_groups = triton.cdiv(n_q_heads, heads_per_prog)
-    n_k_groups = triton.cdiv(n_k_heads, heads_per_prog)
-    grid = (n_s_blocks, batch, n_q_groups + n_k_groups)
-    _rope_kernel[grid](
-        q, k, q_out, k_out, cos, sin, pos,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        stride_cb, stride_cs, stride_pb, stride_ps,
-        seq_len, n_q_heads, n_k_heads, n_q_groups, heads_per_prog,
-        HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, HALF_TABLE=cos.shape[-1] != rotary_dim,
-        INTERLEAVED=interleaved, HAS_POS=position_ids is not None, BACKWARD=backward,
-        COPY_TAIL=tail > 0 and (q_out.data_ptr() != q.data_ptr() or k_out.data_ptr() != k.data_ptr()),
-        BLOCK_S=block_s, BLOCK_HALF=block_half, BLOCK_TAIL=block_tail,
-        num_warps=_NUM_WARPS,
+    n_q_groups = _cdiv(n_q_heads, heads_per_prog)
+    n_groups = n_q_groups + _cdiv(n_k_heads, heads_per_prog)
+    _rope_kernel[(n_s_blocks * n_groups, batch)](
+        *args, n_q_groups, n_groups, n_s_blocks, heads_per_prog, **flags,
+        GROUPS_FASTEST=bool(CONFIG["groups_fastest"] and heads_inner), BLOCK_S=block_s, num_warps=_NUM_WARPS,
     )  # fmt: skip
 
 

@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from swiftune_loader.default_model import DEFAULT_MODEL_NAME, convert_gguf_to_hf, default_model_path
 from swiftune_loader.fast_language_model import FastLanguageModel
 from swiftune_loader.generation import chat_reply
+from swiftune_loader.model_names import resolve_model_name
 from swiftune_loader.model_path import resolve_model_path
 
 try:
@@ -19,5 +20,6 @@ __all__ = [
     "chat_reply",
     "convert_gguf_to_hf",
     "default_model_path",
+    "resolve_model_name",
     "resolve_model_path",
 ]

@@ -1,24 +1,47 @@
 """FastLanguageModel: the user's entry point for loading a causal LM, adding LoRA and switching modes.
 
-The API follows what users of transformers and peft know. This first version loads through plain transformers
-and peft; the architecture fast paths (swiftune kernels) are put behind the same calls by later work.
+The API follows what users of transformers and peft know. Loading resolves the name (local folder, name table,
+local Hugging Face cache), checks every option before anything loads, quantizes with bitsandbytes when asked,
+stretches RoPE when ``max_seq_length`` is beyond the model's positions, and puts swiftune's kernels into the model
+where its architecture has a fast path (``swiftune_loader.architectures``); any other causal LM loads and trains
+through plain transformers. The helpers live beside this file: loading_options, rope_scaling, lora_options,
+checkpointing and inference_mode.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
-from swiftune_kernels import apply_offloaded_checkpointing
+from swiftune_loader.checkpointing import enable_checkpointing
+from swiftune_loader.inference_mode import enter_inference, enter_training
+from swiftune_loader.loading_options import (
+    apply_tokenizer_fix,
+    check_gradient_checkpointing,
+    check_loading_options,
+    check_stored_quantization,
+    quantization_config,
+    require_bitsandbytes,
+    stored_quantization,
+    target_device,
+    weight_dtype,
+)
+from swiftune_loader.lora_options import (
+    DEFAULT_LORA_TARGETS,
+    check_target_modules,
+    default_targets,
+    log_fused_lora_fallback,
+)
 from swiftune_loader.model_path import resolve_model_path
 from swiftune_loader.precision import resolve_device_map, resolve_dtype
+from swiftune_loader.rope_scaling import extend_rope_to, set_user_rope_scaling
 
 logger = logging.getLogger(__name__)
 
-# Linear layers of a decoder block, by the names transformers uses for Llama-family models.
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+__all__ = ["DEFAULT_LORA_TARGETS", "FastLanguageModel"]
 
 
 class FastLanguageModel:
@@ -34,73 +57,84 @@ class FastLanguageModel:
         full_finetuning: bool = False,
         device_map=None,
         trust_remote_code: bool = False,
-        use_gradient_checkpointing: bool | str = True,
+        fix_tokenizer: bool | Callable = False,
+        use_gradient_checkpointing: bool | str = "offload",
         rope_scaling: dict | None = None,
         fast_path: bool | None = None,
         **kwargs,
     ):
-        """Load a model and its tokenizer from a local folder (or the bundled default when ``model_name`` is None).
+        """Load a model and its tokenizer from a local folder, a cached hub name, or the bundled default model.
 
         Args:
-            model_name: a local model folder, or None / "default" for the bundled SmolLM2-135M-Instruct.
-            max_seq_length: longest sequence to train on; stored on the model and the tokenizer.
-            dtype: weight and compute dtype; None picks bfloat16 on GPUs that support it, float32 on the CPU.
-            load_in_4bit: quantize linear weights to NF4 with bitsandbytes (QLoRA).
+            model_name: a local model folder; a hub id (``"org/name"``) found in the local Hugging Face cache after
+                the 16-bit / 4-bit name table (:mod:`swiftune_loader.model_names`); or None / "default" for the
+                bundled SmolLM2-135M-Instruct. Nothing is downloaded.
+            max_seq_length: longest sequence to train on; stored on the model and the tokenizer. Beyond the
+                model's ``max_position_embeddings`` it stretches RoPE (:mod:`swiftune_loader.rope_scaling`).
+            dtype: compute dtype; None or "auto" picks bfloat16 on GPUs that support it, else float16, and float32
+                on the CPU. With full_finetuning, float16 weights are kept in float32 (see loading_options).
+            load_in_4bit: quantize linear weights to NF4 with double quantization (bitsandbytes; QLoRA).
             load_in_8bit: quantize linear weights to int8 with bitsandbytes.
-            full_finetuning: train all weights instead of adapters (no quantization allowed).
+            full_finetuning: train all weights (no adapters; quantization not allowed).
             device_map: passed to transformers; None puts the model on the first GPU, or the CPU.
             trust_remote_code: run code shipped in the model folder; off unless you trust the folder.
-            use_gradient_checkpointing: recompute activations in backward to save memory.
-            rope_scaling: a RoPE scaling dict to set on the config (e.g. to extend the context).
-            fast_path: put swiftune's kernels into the model (norms, RoPE, gated MLP). None: on a GPU only, since
-                on the CPU the kernels fall back to their pure-torch references. The handle that undoes it is
-                ``model._swiftune_patch``.
+            fix_tokenizer: False, or a callable ``(model, tokenizer) -> tokenizer`` applied after loading.
+                ``swiftune.FastLanguageModel`` (the meta-package) passes swiftune-tokenizers-fix here; this package
+                does not import it, so True alone is refused.
+            use_gradient_checkpointing: True (recompute each decoder layer in backward), "offload" (also park
+                each layer's input in pinned CPU memory until backward), or False. Applied by
+                :meth:`get_peft_model`, or here with full_finetuning.
+            rope_scaling: a RoPE scaling dict for the config (``{"rope_type": "linear", "factor": 2.0}``); it
+                replaces the automatic stretching for ``max_seq_length``.
+            fast_path: put swiftune's kernels into the model (norms, RoPE, gated MLP, fused LoRA). None: on a GPU
+                only, since on the CPU the kernels fall back to their pure-torch references. The handle that
+                undoes it is ``model._swiftune_patch``.
             **kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
 
         Returns:
             (model, tokenizer)
         """
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        if max_seq_length is None or int(max_seq_length) <= 0:
-            raise ValueError(f"max_seq_length must be a positive number of tokens, got {max_seq_length}.")
-        if load_in_4bit and load_in_8bit:
-            raise ValueError("Choose one of load_in_4bit and load_in_8bit, not both.")
-        if full_finetuning and (load_in_4bit or load_in_8bit):
-            raise ValueError("full_finetuning trains every weight and cannot use quantized weights; drop load_in_4bit.")
-        path = resolve_model_path(model_name)
-        torch_dtype = resolve_dtype(dtype)
+        check_loading_options(
+            max_seq_length, load_in_4bit, load_in_8bit, full_finetuning, use_gradient_checkpointing, fix_tokenizer
+        )
+        max_seq_length = int(max_seq_length)
+        path = resolve_model_path(model_name, load_in_4bit=load_in_4bit)
+        compute_dtype = resolve_dtype(dtype)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        stored = stored_quantization(config)
+        check_stored_quantization(stored, load_in_4bit, load_in_8bit, full_finetuning)
+        device_map = resolve_device_map(device_map)
+        if load_in_4bit or load_in_8bit or stored in ("4bit", "8bit"):
+            require_bitsandbytes(target_device(device_map), "4-bit loading" if load_in_4bit else "8-bit loading")
         if rope_scaling is not None:
-            config.rope_scaling = rope_scaling
-        quantization_config = None
-        if load_in_4bit:
-            quantization_config = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch_dtype,
-            )
-        elif load_in_8bit:
-            quantization_config = BitsAndBytesConfig(load_in_8bit=True)
+            set_user_rope_scaling(config, rope_scaling)
+        else:
+            extend_rope_to(config, max_seq_length)
         model = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
-            dtype=torch_dtype,
-            device_map=resolve_device_map(device_map),
-            quantization_config=quantization_config,
+            dtype=weight_dtype(compute_dtype, full_finetuning),
+            device_map=device_map,
+            # A pre-quantized checkpoint carries its own quantization config.
+            quantization_config=None if stored else quantization_config(load_in_4bit, load_in_8bit, compute_dtype),
             trust_remote_code=trust_remote_code,
             use_safetensors=kwargs.pop("use_safetensors", True),
             **kwargs,
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        tokenizer.model_max_length = int(max_seq_length)
-        model.max_seq_length = int(max_seq_length)
+        tokenizer.model_max_length = max_seq_length
+        tokenizer = apply_tokenizer_fix(fix_tokenizer, model, tokenizer)
+        model.max_seq_length = max_seq_length
+        model._swiftune_tokenizer = tokenizer  # for_inference pads it on the left, for_training puts it back
         model._swiftune_gradient_checkpointing = use_gradient_checkpointing
+        model._swiftune_full_finetuning = bool(full_finetuning)
         if full_finetuning:
             model.requires_grad_(True)
+            enable_checkpointing(model, use_gradient_checkpointing)
         model._swiftune_patch = _apply_fast_path(model, fast_path)
-        logger.info("Loaded %s (%s, %s) on %s.", path, config.model_type, torch_dtype, model.device)
+        logger.info("Loaded %s (%s, %s) on %s.", path, config.model_type, model.dtype, model.device)
         return model, tokenizer
 
     @staticmethod
@@ -121,22 +155,26 @@ class FastLanguageModel:
     ):
         """Wrap ``model`` with LoRA adapters (a peft ``PeftModel``); only the adapters are trained.
 
+        Where the model has swiftune's fast path, adapters without dropout or DoRA run through the fused LoRA
+        kernels; with dropout or DoRA they run through peft's layers (logged once).
+
         Args:
             model: a model from :meth:`from_pretrained`.
             r: LoRA rank (> 0).
-            target_modules: names of the linear layers to adapt, or "all-linear"; None adapts the attention and MLP
-                projections of every decoder layer.
+            target_modules: names of the layers to adapt, or "all-linear"; None adapts the attention and MLP
+                projections of every decoder layer. A name that matches no module is an error that lists the
+                model's linear layers.
             lora_alpha: LoRA scaling numerator (scale = lora_alpha / r, or / sqrt(r) with use_rslora).
             lora_dropout: dropout on the adapter input.
             bias: "none", "all" or "lora_only", as in peft.
-            use_gradient_checkpointing: True (recompute each decoder layer in backward), "offload" (also move each
-                layer's input to pinned CPU memory until backward), False, or None to keep from_pretrained's choice.
+            use_gradient_checkpointing: True, "offload", False, or None to keep from_pretrained's choice
+                ("offload" by default); see :meth:`from_pretrained`.
             random_state: seed for the adapter initialisation.
             use_rslora: rank-stabilised scaling.
             modules_to_save: extra modules trained in full and saved with the adapter (e.g. ["lm_head"]).
             init_lora_weights: peft's initialisation choice.
             layers_to_transform: only adapt these layer indices.
-            **kwargs: passed on to peft's ``LoraConfig``.
+            **kwargs: passed on to peft's ``LoraConfig`` (e.g. use_dora=True).
 
         Returns:
             The peft model, in training mode.
@@ -151,29 +189,30 @@ class FastLanguageModel:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}.")
         if hasattr(model, "peft_config"):
             raise ValueError("This model already has LoRA adapters; call get_peft_model once per model.")
+        if getattr(model, "_swiftune_full_finetuning", False):
+            raise ValueError(
+                "This model was loaded with full_finetuning=True (every weight trains); load it without "
+                "full_finetuning to add LoRA adapters."
+            )
         checkpointing = (
-            getattr(model, "_swiftune_gradient_checkpointing", True)
+            getattr(model, "_swiftune_gradient_checkpointing", "offload")
             if use_gradient_checkpointing is None
             else use_gradient_checkpointing
         )
+        check_gradient_checkpointing(checkpointing)
+        check_target_modules(model, target_modules)
+        log_fused_lora_fallback(model, float(lora_dropout), bool(kwargs.get("use_dora", False)))
         torch.manual_seed(random_state)
-        quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-        if quantized:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(checkpointing))
-        elif checkpointing == "offload" and _decoder_layers(model) is not None:
-            # Each decoder layer's input goes to pinned CPU memory during forward and comes back ahead of backward,
-            # where the input is large enough for that to pay (swiftune_kernels.checkpoint_policy); the layer is
-            # recomputed either way. Under no_grad (generation) the layers run as they are.
-            model._swiftune_offload = apply_offloaded_checkpointing(_decoder_layers(model), policy="auto")
-        elif checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            # Casts the norms and embeddings to float32; checkpointing is switched on below, as for other models.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        enable_checkpointing(model, checkpointing)
         config = LoraConfig(
             r=r,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             bias=bias,
-            target_modules=target_modules if target_modules is not None else _present_targets(model),
+            target_modules=target_modules if target_modules is not None else default_targets(model),
             use_rslora=use_rslora,
             modules_to_save=modules_to_save,
             init_lora_weights=init_lora_weights,
@@ -187,26 +226,21 @@ class FastLanguageModel:
         return peft_model
 
     @staticmethod
-    def for_inference(model):
-        """Put ``model`` in generation mode: eval, KV cache on, checkpointing off. Returns the model."""
-        model.eval()
-        inner = _unwrap(model)
-        if getattr(inner, "is_gradient_checkpointing", False):
-            inner.gradient_checkpointing_disable()
-            inner._swiftune_checkpointing_paused = True
-        inner.config.use_cache = True
-        return model
+    def for_inference(model, tokenizer=None):
+        """Put ``model`` in generation mode: eval, KV cache on, checkpointing (transformers' or offloaded) off,
+        the tokenizer padding on the left for batched prompts. Returns the model.
+
+        Args:
+            model: a model from :meth:`from_pretrained` or :meth:`get_peft_model`.
+            tokenizer: the tokenizer to switch to left padding; by default the one from_pretrained returned.
+        """
+        return enter_inference(model, tokenizer)
 
     @staticmethod
-    def for_training(model):
-        """Put ``model`` back in training mode, restoring checkpointing paused by :meth:`for_inference`."""
-        model.train()
-        inner = _unwrap(model)
-        if getattr(inner, "_swiftune_checkpointing_paused", False):
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            inner._swiftune_checkpointing_paused = False
-        inner.config.use_cache = False
-        return model
+    def for_training(model, tokenizer=None):
+        """Put ``model`` back in training mode, restoring the checkpointing and padding side that
+        :meth:`for_inference` changed, with the KV cache off. Returns the model."""
+        return enter_training(model, tokenizer)
 
 
 def _apply_fast_path(model, fast_path: bool | None):
@@ -226,27 +260,3 @@ def _apply_fast_path(model, fast_path: bool | None):
         )
         return None
     return patch_model(model, spec)
-
-
-def _decoder_layers(model):
-    """The decoder layers of a transformers causal LM (``model.model.layers``), or None when it has none."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
-
-
-def _unwrap(model):
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def _present_targets(model) -> list[str]:
-    """The default LoRA targets that this model has; a clear error when it has none of them."""
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    present = [t for t in DEFAULT_LORA_TARGETS if t in names]
-    if not present:
-        raise ValueError(
-            "None of the default LoRA targets "
-            f"{DEFAULT_LORA_TARGETS} exist in this model; pass target_modules=[...] or target_modules='all-linear'."
-        )
-    return present

@@ -9,7 +9,9 @@ from transformers import TrainerCallback
 
 
 class ProgressPrinter(TrainerCallback):
-    """Prints ``step 12/60  loss 1.234  lr 1.8e-04  2.1 s/step  ~1m40s left`` and keeps the loss history.
+    """Prints ``step 12/60  loss 1.234  lr 1.8e-04  2.1 s/step  ~1m40s left  1520 tok/s  peak 812 MB`` and keeps
+    the loss history (the last two when the trainer logs ``tokens_per_second`` / ``peak_memory_mb``, as
+    swiftune's trainers do).
 
     Args:
         write: where lines go (``print`` by default).
@@ -40,9 +42,13 @@ class ProgressPrinter(TrainerCallback):
         left = per_step * max(state.max_steps - state.global_step, 0)
         lr = logs.get("learning_rate")
         lr_text = f"  lr {lr:.1e}" if lr is not None else ""
+        tokens = logs.get("tokens_per_second")
+        tokens_text = f"  {tokens:.0f} tok/s" if tokens is not None else ""
+        memory = logs.get("peak_memory_mb")
+        memory_text = f"  peak {memory:.0f} MB" if memory is not None else ""
         self.write(
             f"step {state.global_step}/{state.max_steps}  loss {loss:.4f}{lr_text}  {per_step:.2f} s/step  "
-            f"~{_duration(left)} left"
+            f"~{_duration(left)} left{tokens_text}{memory_text}"
         )
 
 

@@ -17,6 +17,7 @@ from swiftune_data import load_conversations, tokenize_conversations
 from swiftune_loader import FastLanguageModel, chat_reply
 from swiftune_tokenizers_fix import fix_tokenizer
 from swiftune_train.arguments import sft_config
+from swiftune_train.callbacks import LossCurveCallback
 from swiftune_train.progress import ProgressPrinter
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,16 @@ class SFTJob:
         train_on_responses_only: compute the loss on assistant turns only.
         gradient_checkpointing: recompute activations in backward (saves memory, costs time).
         load_in_4bit: QLoRA on an NF4-quantized base.
+        modules_to_save: modules trained in full and saved with the adapter (e.g. ``["embed_tokens", "lm_head"]``
+            to teach new tokens).
+        embedding_learning_rate: learning rate of the trained embeddings and lm_head; None: ``learning_rate``.
+        report_to: integrations to report to (``["tensorboard"]``, ``["wandb"]``); none by default. TensorBoard
+            event files are written to ``output_dir/runs``.
         dtype: weight dtype ("bfloat16", "float16", "float32"); None chooses for the device.
         seed: random seed of the run.
         probe_questions: questions answered before and after training, to show what was learned.
         extra_args: any other ``SFTConfig`` field.
+        callbacks: extra ``TrainerCallback`` objects (e.g. a progress bar), added after the job's own.
     """
 
     model: str | None = None
@@ -61,20 +68,26 @@ class SFTJob:
     train_on_responses_only: bool = True
     gradient_checkpointing: bool = True
     load_in_4bit: bool = False
+    modules_to_save: list[str] | None = None
+    embedding_learning_rate: float | None = None
+    report_to: list[str] = field(default_factory=list)
     dtype: str | None = None
     seed: int = 3407
     probe_questions: list[str] = field(default_factory=list)
     extra_args: dict = field(default_factory=dict)
+    callbacks: list = field(default_factory=list)
 
 
 @dataclass
 class SFTResult:
-    """What a finished job produced: where the adapter is, the loss history, and the probe answers."""
+    """What a finished job produced: where the adapter and the loss curve are, the loss history, and the probe
+    answers."""
 
     adapter_dir: Path
     losses: list[tuple[int, float]]
     answers_before: list[str]
     answers_after: list[str]
+    loss_curve: Path | None = None
 
     @property
     def first_loss(self) -> float:
@@ -135,11 +148,13 @@ def run_sft_job(job: SFTJob, write=print) -> SFTResult:
         lora_alpha=job.lora_alpha,
         use_gradient_checkpointing=job.gradient_checkpointing,
         random_state=job.seed,
+        modules_to_save=job.modules_to_save,
     )
     trainable, total = model.get_nb_trainable_parameters()
     write(f"LoRA r={job.lora_r}: {trainable / 1e6:.2f}M trainable parameters of {total / 1e6:.0f}M")
 
     progress = ProgressPrinter(write)
+    loss_curve = LossCurveCallback(output_dir / "loss_curve.png")
     with tempfile.TemporaryDirectory(prefix="swiftune-trainer-") as scratch:
         args = sft_config(
             scratch,
@@ -152,14 +167,24 @@ def run_sft_job(job: SFTJob, write=print) -> SFTResult:
             num_train_epochs=job.num_train_epochs,
             max_length=job.max_seq_length,
             seed=job.seed,
+            embedding_learning_rate=job.embedding_learning_rate,
+            report_to=list(job.report_to) or "none",
             **job.extra_args,
         )
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=tokenized, processing_class=tokenizer, callbacks=[progress]
+            model=model,
+            args=args,
+            train_dataset=tokenized,
+            processing_class=tokenizer,
+            callbacks=[progress, loss_curve, *job.callbacks],
         )
         # Our progress lines replace the raw log dicts transformers prints when tqdm is off.
         trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            # TensorBoard writes under the trainer's scratch folder; keep its event files, even of a failed run.
+            _keep_folder(Path(scratch) / "runs", output_dir / "runs")
     if progress.non_finite_loss is not None:
         raise FloatingPointError(
             f"Training stopped: the loss became {progress.non_finite_loss}. Nothing was saved; lower the learning rate "
@@ -170,7 +195,18 @@ def run_sft_job(job: SFTJob, write=print) -> SFTResult:
 
     answers_after = [chat_reply(model, tokenizer, q) for q in job.probe_questions]
     adapter_dir = save_adapter(model, tokenizer, output_dir / "adapter")
-    return SFTResult(adapter_dir, progress.losses, answers_before, answers_after)
+    return SFTResult(adapter_dir, progress.losses, answers_before, answers_after, loss_curve.written)
+
+
+def _keep_folder(source: Path, target: Path) -> None:
+    if not source.is_dir():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        destination = target / entry.name
+        if destination.exists():
+            shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
+        shutil.move(str(entry), destination)
 
 
 def save_adapter(model, tokenizer, adapter_dir: str | os.PathLike) -> Path:

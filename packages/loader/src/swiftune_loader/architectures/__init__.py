@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from swiftune_loader.architectures import gemma, gemma2, gemma3, granite, llama, mistral, phi3, qwen2, qwen3
+from swiftune_loader.architectures import (
+    cohere,
+    gemma,
+    gemma2,
+    gemma3,
+    granite,
+    llama,
+    mistral,
+    phi3,
+    qwen2,
+    qwen3,
+)
 from swiftune_loader.architectures.spec import ArchitectureSpec
 
 SPECS: dict[str, ArchitectureSpec] = {
     module.SPEC.model_type: module.SPEC
-    for module in (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, granite, phi3)
+    for module in (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, granite, phi3, cohere)
 }
 
 

@@ -1,7 +1,8 @@
 """The patching engine: swap norm modules and bind fast forwards on a built model, reversibly.
 
 Nothing global changes: modules are replaced with ``setattr`` on their parent, and forwards are bound to single
-instances (an instance attribute that shadows the class method). ``PatchHandle.revert()`` undoes both.
+instances (an instance attribute that shadows the class method) together with the few facts they read (prefixed
+``_swiftune_``). ``PatchHandle.revert()`` undoes both.
 """
 
 from __future__ import annotations
@@ -12,11 +13,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swiftune_kernels.modules import RMSNorm
+from swiftune_kernels.modules import LayerNorm, RMSNorm
 from swiftune_loader.architectures import ArchitectureSpec, spec_for
 from swiftune_loader.patching.forwards import attention_forward, gated_mlp_forward
 
 logger = logging.getLogger(__name__)
+
+# Instance attributes a bound forward reads; revert() removes them with the forward.
+_BOUND_ATTRIBUTES = (
+    "forward",
+    "_swiftune_activation",
+    "_swiftune_qk_norm",
+    "_swiftune_fused_qkv",
+    "_swiftune_fused_gate_up",
+    "_swiftune_interleaved_rope",
+)
 
 
 @dataclass
@@ -37,9 +48,7 @@ class PatchHandle:
         for parent, name, original in reversed(self.swapped):
             setattr(parent, name, original)
         for module in self.bound:
-            module.__dict__.pop("forward", None)
-            module.__dict__.pop("_swiftune_activation", None)
-            for attribute in ("_swiftune_qk_norm", "_swiftune_fused_qkv", "_swiftune_fused_gate_up"):
+            for attribute in _BOUND_ATTRIBUTES:
                 module.__dict__.pop(attribute, None)
         self.swapped.clear()
         self.bound.clear()
@@ -61,17 +70,21 @@ def patch_model(model: torch.nn.Module, spec: ArchitectureSpec | None = None) ->
         if spec is None:
             raise ValueError(f"swiftune has no fast path for model_type={model_type!r}.")
     handle = PatchHandle(spec=spec)
-    activation = _activation(getattr(model, "config", None), spec)
+    config = getattr(model, "config", None)
+    activation = _activation(config, spec)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child).__name__ in spec.norm_class_names:
-                handle.swapped.append((parent, name, child))
-                setattr(parent, name, _fast_norm(child, spec))
+                fast = _fast_norm(child, spec)
+                if fast is not None:
+                    handle.swapped.append((parent, name, child))
+                    setattr(parent, name, fast)
     for module in model.modules():
         class_name = type(module).__name__
-        if class_name in spec.attention_class_names and spec.rope == "rotate_half":
-            module._swiftune_qk_norm = spec.qk_norm
+        if class_name in spec.attention_class_names:
+            module._swiftune_qk_norm = _qk_norm(config, spec)
             module._swiftune_fused_qkv = spec.fused_qkv
+            module._swiftune_interleaved_rope = spec.rope == "interleaved"
             module.forward = types.MethodType(attention_forward, module)
             handle.bound.append(module)
         elif class_name in spec.mlp_class_names and activation is not None:
@@ -103,10 +116,30 @@ def _activation(config, spec: ArchitectureSpec) -> str | None:
     return _ACTIVATIONS.get(name)
 
 
-def _fast_norm(original: torch.nn.Module, spec: ArchitectureSpec) -> RMSNorm:
-    eps = getattr(original, "variance_epsilon", getattr(original, "eps", 1e-6))
+def _qk_norm(config, spec: ArchitectureSpec) -> bool:
+    """Whether the attention normalises each head of q and k: fixed by the spec, or read from a config flag."""
+    if isinstance(spec.qk_norm, str):
+        return bool(getattr(config, spec.qk_norm, False))
+    return spec.qk_norm
+
+
+def _fast_norm(original: torch.nn.Module, spec: ArchitectureSpec) -> RMSNorm | LayerNorm | None:
+    """swiftune's norm sharing ``original``'s parameters, or None where the kernels cannot compute it.
+
+    None for a weight of more than one dimension: Cohere's q/k norms scale each (head, channel) with its own
+    weight, while the kernels take one weight vector for every row. Those modules keep transformers' code.
+    """
     weight = original.weight
-    fast = RMSNorm(weight.shape[0], eps=eps, offset=spec.norm_offset, casting=spec.norm_casting, device="meta")
+    if weight.dim() != 1:
+        return None
+    eps = getattr(original, "variance_epsilon", getattr(original, "eps", 1e-6))
+    if spec.norm_kind == "layer_norm":
+        bias = getattr(original, "bias", None)
+        fast = LayerNorm(weight.shape[0], eps=eps, bias=bias is not None, device="meta")
+        if bias is not None:
+            fast.bias = bias
+    else:
+        fast = RMSNorm(weight.shape[0], eps=eps, offset=spec.norm_offset, casting=spec.norm_casting, device="meta")
     # Share the Parameter itself: same storage, same name in the state_dict, same requires_grad.
     fast.weight = weight
     return fast

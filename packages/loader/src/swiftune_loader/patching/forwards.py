@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from swiftune_kernels import apply_rotary_pos_emb, gated_activation, lora_linear, lora_mlp, lora_qkv
+from swiftune_kernels import gated_activation, lora_linear, lora_mlp, lora_qkv, rope
 from swiftune_loader.patching.lora_parts import fusable_input, lora_parts
 
 
 def attention_forward(
     self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
 ):
-    """Llama-family attention with RoPE applied to q and k in one swiftune kernel launch."""
+    """Llama-family attention with RoPE applied to q and k in one swiftune kernel launch (rotate-half pairs, or
+    interleaved pairs for Cohere; a cos/sin narrower than the head rotates only its leading channels, as Phi-3)."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     if self._swiftune_fused_qkv:
@@ -35,7 +36,7 @@ def attention_forward(
     query, key = query.transpose(1, 2), key.transpose(1, 2)
     value = value.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    query, key = rope(query, key, cos, sin, interleaved=self._swiftune_interleaved_rope)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
     attention = _attention_interface(self)
