@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 from swiftune_export import write_gguf
-from swiftune_export.gguf_quant_types import quant_type, quantize, tensor_type
+from swiftune_export.gguf_architectures import architecture_for, gguf_tensor_name
+from swiftune_export.gguf_quant_types import quant_type, quantize
 from swiftune_tokenizers_fix.testing import build_chat_tokenizer
 
 TEXTS = [
@@ -64,14 +65,18 @@ def _logits(model, tokenizer):
         return model(**batch).logits
 
 
-def _rounded_like_gguf(model, quant):
-    """The safetensors model with every 2-D weight passed through the GGUF type and back (1-D stays F32)."""
-    qtype = quant_type(quant).qtype
+def _rounded_like_gguf(model, path):
+    """The safetensors model with every 2-D weight passed through the type the GGUF file stores it in and back (1-D
+    tensors stay F32)."""
+    config = model.config.to_dict()
+    architecture = architecture_for(config)
+    name_map = gguf.get_tensor_name_map(architecture.arch, config["num_hidden_layers"])
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     rounded = {}
     for name, tensor in model.state_dict().items():
         array = tensor.float().numpy()
-        if array.ndim == 2:
-            stored = tensor_type(qtype, array.shape)
+        stored = types.get(gguf_tensor_name(name_map, name, architecture))
+        if array.ndim == 2 and stored is not None:
             array = gguf.quants.dequantize(quantize(array, stored), stored).reshape(array.shape)
         rounded[name] = torch.from_numpy(np.ascontiguousarray(array))
     return rounded
@@ -89,25 +94,27 @@ def test_f32_is_bit_exact(tmp_path, config_class, tie):
 
 def test_f16_within_derived_bound(tmp_path):
     folder, model, tokenizer = _save(tmp_path, LlamaConfig)
-    loaded = _load(write_gguf(folder, tmp_path / "gguf" / "model-f16.gguf", quant="f16"))
+    path = write_gguf(folder, tmp_path / "gguf" / "model-f16.gguf", quant="f16")
+    loaded = _load(path)
     got, want = _logits(loaded, tokenizer), _logits(model, tokenizer)
     bound = 4 * 2**-11 * (2 * 2 + 2)
     assert ((got - want).norm() / want.norm()).item() < bound
     reference = AutoModelForCausalLM.from_config(model.config).eval()
-    reference.load_state_dict(_rounded_like_gguf(model, "f16"))
+    reference.load_state_dict(_rounded_like_gguf(model, path))
     torch.testing.assert_close(got, _logits(reference, tokenizer), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("quant", ["q8_0", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m", "q5_k_m", "q6_k"])
 def test_quantized_weights_agree_with_transformers_dequantizer(tmp_path, quant):
     """Hidden size 256 so that every weight takes the K-quant (rows of 256): transformers' own K-quant kernels must
-    read our bytes as gguf's dequantize does, for the q/k permutation as for the plain weights."""
+    read our bytes as gguf's dequantize does, for the q/k permutation as for the plain weights, in every type the
+    recipe mixes (Q6_K for attn_v, ffn_down and the output in the _M recipes)."""
     folder, model, tokenizer = _save(tmp_path, LlamaConfig, hidden=256, heads=4, kv_heads=2)
     path = write_gguf(folder, tmp_path / "gguf" / f"model-{quant}.gguf", quant=quant)
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     assert types["blk.0.attn_q.weight"] == quant_type(quant).qtype
     loaded = _load(path)
-    expected = _rounded_like_gguf(model, quant)
+    expected = _rounded_like_gguf(model, path)
     for name, tensor in loaded.state_dict().items():
         torch.testing.assert_close(tensor.float(), expected[name], rtol=0, atol=1e-6, msg=name)
     got, want = _logits(loaded, tokenizer), _logits(model, tokenizer)
@@ -115,7 +122,7 @@ def test_quantized_weights_agree_with_transformers_dequantizer(tmp_path, quant):
     print(f"{quant}: logits relative error {relative:.4f}")
     # Random weights at init scale make the logits small and noise-dominated: these are loose sanity bounds, the
     # proof is the weight equality above.
-    assert relative < {"q8_0": 0.05, "q6_k": 0.1, "q5_k": 0.2, "q4_k": 0.4}[quant]
+    assert relative < {"q8_0": 0.05, "q6_k": 0.1, "q5_k_m": 0.2, "q4_k_m": 0.4}[quant]
 
 
 def test_tokenizer_read_back_from_gguf(tmp_path):

@@ -201,6 +201,9 @@ def test_lora_from_a_peft_model_loads_in_plain_peft(tmp_path, tokenizer, base_di
     torch.testing.assert_close(_logits(reloaded), _logits(adapter_model))
     with pytest.raises(ValueError, match="needs a peft model"):
         save_merged(base, tokenizer, tmp_path / "nope", method="lora")
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        save_gguf(adapter_model, None, tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
 
 
 def test_save_gguf_of_a_qlora_model_writes_every_quantization(tmp_path, tokenizer, base_dir):

@@ -20,7 +20,9 @@ def test_tokenizer_is_repaired_only_through_the_meta_package(tmp_path):
     _, repaired = swiftune.FastLanguageModel.from_pretrained(str(tiny_model_dir), max_seq_length=64)
     assert plain.pad_token_id == plain.eos_token_id
     assert repaired.pad_token_id != repaired.eos_token_id
-    _, untouched = swiftune.FastLanguageModel.from_pretrained(str(tiny_model_dir), max_seq_length=64, fix_tokenizer=False)
+    _, untouched = swiftune.FastLanguageModel.from_pretrained(
+        str(tiny_model_dir), max_seq_length=64, fix_tokenizer=False
+    )
     assert untouched.pad_token_id == untouched.eos_token_id
 
 

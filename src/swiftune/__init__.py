@@ -7,10 +7,10 @@ This meta-package gathers the swiftune packages under one name::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from swiftune_data import load_conversations, standardize, tokenize_conversations
 from swiftune.fast_language_model import FastLanguageModel
+from swiftune_data import VisionDataCollator, load_conversations, standardize, tokenize_conversations
 from swiftune_export import merge_adapter, save_gguf, save_merged
-from swiftune_loader import chat_reply
+from swiftune_loader import FastVisionModel, chat_reply
 from swiftune_train import SFTJob, run_sft_job, sft_config
 
 try:
@@ -20,6 +20,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "FastLanguageModel",
+    "FastVisionModel",
+    "VisionDataCollator",
     "SFTJob",
     "__version__",
     "chat_reply",

@@ -90,8 +90,11 @@ def test_refusals(tmp_path, llama_adapter, llama_dir):
         save_merged(tmp_path / "nowhere", out=tmp_path / "x")
     config = json.loads((llama_dir / "config.json").read_text())
     (llama_dir / "config.json").write_text(json.dumps(dict(config, quantization_config={"load_in_8bit": True})))
-    with pytest.raises(ValueError, match="stored in 8 bits"):
+    with pytest.raises(ValueError, match="stored quantized \(8 bits\)"):
         save_merged(llama_adapter, out=tmp_path / "x", method="merged_16bit")
+    (llama_dir / "config.json").write_text(json.dumps(dict(config, quantization_config={"quant_method": "gptq"})))
+    with pytest.raises(ValueError, match="stored quantized \(gptq\)"):
+        save_merged(llama_adapter, out=tmp_path / "x", method="gguf")
     assert not (tmp_path / "x").exists()
 
 

@@ -6,11 +6,13 @@ from swiftune_data.bundled import bundled_dataset_path
 from swiftune_data.chat_templates import CHAT_TEMPLATES, ChatTemplate, get_chat_template, registered_template_of
 from swiftune_data.files import load_dataset_file
 from swiftune_data.formats import KNOWN_FORMATS, detect_format, standardize
+from swiftune_data.images import bound_image_size, load_image
 from swiftune_data.packing import DataCollatorForPackedSequences, block_causal_mask, pack_sequences
 from swiftune_data.preference import standardize_preference
 from swiftune_data.response_only import marker_token_variants, train_on_responses_only
 from swiftune_data.text_chunks import chunk_text
 from swiftune_data.tokenize import IGNORE_INDEX, tokenize_conversations
+from swiftune_data.vision_collator import VisionDataCollator
 
 try:
     __version__ = version("swiftune-data")
@@ -29,6 +31,9 @@ __all__ = [
     "KNOWN_FORMATS",
     "ChatTemplate",
     "DataCollatorForPackedSequences",
+    "VisionDataCollator",
+    "bound_image_size",
+    "load_image",
     "__version__",
     "block_causal_mask",
     "bundled_dataset_path",

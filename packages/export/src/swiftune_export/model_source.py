@@ -59,6 +59,23 @@ def _four_bit(config: dict) -> bool:
     return bool(quantization.get("load_in_4bit") or quantization.get("_load_in_4bit"))
 
 
+def check_quantization(config: dict, where: str) -> None:
+    """Refuse quantized weights other than bitsandbytes 4-bit, which this package cannot turn back into floats.
+
+    Raises:
+        ValueError: 8-bit bitsandbytes, GPTQ, AWQ and other quantized weights.
+    """
+    quantization = config.get("quantization_config") or {}
+    method = str(quantization.get("quant_method", "bitsandbytes")).split(".")[-1].lower().replace("_", "")
+    if not quantization or (method == "bitsandbytes" and _four_bit(config)):
+        return
+    kind = "8 bits" if quantization.get("load_in_8bit") or quantization.get("_load_in_8bit") else method
+    raise ValueError(
+        f"{where} is stored quantized ({kind}), which this export cannot read back into 16-bit weights (only "
+        "bitsandbytes 4-bit can); export from the 16-bit model it was quantized from (base_dir= for an adapter)."
+    )
+
+
 def folder_source(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> MergeSource:
     """A peft LoRA adapter folder (with its base) or a full model folder.
 
@@ -79,12 +96,7 @@ def folder_source(path: str | os.PathLike, base_dir: str | os.PathLike | None = 
     else:
         adapter_config, adapter, base = None, None, path
     config = json.loads((base / "config.json").read_text())
-    quantization = config.get("quantization_config") or {}
-    if quantization.get("load_in_8bit") or quantization.get("_load_in_8bit"):
-        raise ValueError(
-            f"The base model '{base}' is stored in 8 bits, which this merge does not read; pass base_dir= the 16-bit "
-            "(or 4-bit) model it was quantized from."
-        )
+    check_quantization(config, f"The base model '{base}'")
     files = weight_files(base)
     size = header_bytes(files) * (4 if _four_bit(config) else 1)  # 4-bit codes take a quarter of 16-bit weights
     # The adapter folder's tokenizer is the one training used (it may hold repairs); else the base one.
@@ -118,12 +130,13 @@ def object_source(model) -> MergeSource:
         adapter = _adapter_tensors(base.state_dict(), name)
     else:
         name = "default"
+    config = base.config.to_dict()
+    check_quantization(config, "The model")
     if any(t.is_meta for t in base.state_dict().values()):
         raise ValueError("The model has weights on the meta device (offloaded); load it fully before exporting.")
     linear = {_checkpoint_name(n, name) + ".weight" for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     linear -= {_checkpoint_name(n, name) + ".weight" for n, m in base.named_modules() if m is output}
-    config = base.config.to_dict()
     size = sum(t.numel() * (4 if t.dtype == torch.uint8 else t.element_size()) for _, t in _base_tensors(base, name))
 
     def write_side_files(target: Path) -> None:

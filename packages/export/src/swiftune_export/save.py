@@ -73,6 +73,8 @@ def save_merged(
     if is_model_object(model):
         if method == "lora" and not is_peft_model(model):
             raise ValueError("method='lora' needs a peft model (with a LoRA adapter); this is a plain model.")
+        if method == "gguf" and tokenizer is None:
+            raise ValueError("GGUF files embed the tokenizer: pass tokenizer= (the model's tokenizer or its folder).")
         source, folder = (None if method == "lora" else object_source(model)), None
     else:
         folder = Path(model).expanduser()

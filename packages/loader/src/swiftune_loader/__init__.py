@@ -7,6 +7,7 @@ from swiftune_loader.fast_language_model import FastLanguageModel
 from swiftune_loader.generation import chat_reply
 from swiftune_loader.model_names import resolve_model_name
 from swiftune_loader.model_path import resolve_model_path
+from swiftune_loader.vision import FastVisionModel
 
 try:
     __version__ = version("swiftune-loader")
@@ -16,6 +17,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "FastLanguageModel",
+    "FastVisionModel",
     "__version__",
     "chat_reply",
     "convert_gguf_to_hf",
