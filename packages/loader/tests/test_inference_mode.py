@@ -119,3 +119,28 @@ def test_a_tokenizer_passed_explicitly_is_switched_and_restored(tiny_model_dir):
     assert other.padding_side == "left"
     FastLanguageModel.for_training(model)
     assert other.padding_side == "right"
+
+
+def test_generation_runs_transformers_modules_and_training_gets_the_kernels_back(tiny_model_dir):
+    from swiftune_kernels.modules import RMSNorm
+
+    model, _ = FastLanguageModel.from_pretrained(tiny_model_dir, fast_path=True)
+    model = FastLanguageModel.get_peft_model(model, r=2, use_gradient_checkpointing=False)
+    base = model.get_base_model()
+    norm, mlp = base.model.norm, base.model.layers[0].mlp
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        patched_logits = model(input_ids=ids).logits
+    assert isinstance(norm, RMSNorm) and "forward" in mlp.__dict__
+
+    FastLanguageModel.for_inference(model)
+    assert not isinstance(base.model.norm, RMSNorm) and "forward" not in mlp.__dict__  # decode: plain modules
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, patched_logits, atol=1e-5, rtol=1e-5)
+
+    FastLanguageModel.for_training(model)
+    assert isinstance(base.model.norm, RMSNorm) and "forward" in mlp.__dict__
+    assert base.model.norm.weight is norm.weight  # the same parameters: an optimizer keeps its state
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, patched_logits, atol=0, rtol=0)

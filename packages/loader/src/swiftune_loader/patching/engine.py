@@ -37,6 +37,7 @@ class PatchHandle:
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = field(default_factory=list)
     bound: list[torch.nn.Module] = field(default_factory=list)
     spec: ArchitectureSpec | None = None
+    root: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -52,6 +53,18 @@ class PatchHandle:
                 module.__dict__.pop(attribute, None)
         self.swapped.clear()
         self.bound.clear()
+
+    @property
+    def active(self) -> bool:
+        """Whether the kernels are in the model now (patched and not reverted)."""
+        return bool(self.swapped or self.bound)
+
+    def reapply(self) -> None:
+        """Put the kernels back into the same model after :meth:`revert` (the weights were never copied)."""
+        if self.active or self.root is None:
+            return
+        again = patch_model(self.root, self.spec)
+        self.swapped, self.bound = again.swapped, again.bound
 
 
 def patch_model(model: torch.nn.Module, spec: ArchitectureSpec | None = None) -> PatchHandle:
@@ -69,7 +82,7 @@ def patch_model(model: torch.nn.Module, spec: ArchitectureSpec | None = None) ->
         spec = spec_for(model_type)
         if spec is None:
             raise ValueError(f"swiftune has no fast path for model_type={model_type!r}.")
-    handle = PatchHandle(spec=spec)
+    handle = PatchHandle(spec=spec, root=model)
     config = getattr(model, "config", None)
     activation = _activation(config, spec)
     for parent in list(model.modules()):
