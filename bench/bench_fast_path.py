@@ -80,6 +80,7 @@ def build(shape: str, seq: int, device: str, qlora_dir: str | None = None):
     model.enable_input_require_grads()
     lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora, autocast_adapter_dtype=False)  # bf16 adapters, the fair baseline
+    model.train()  # transformers checkpoints only in training mode
     return model
 
 

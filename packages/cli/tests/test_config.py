@@ -144,3 +144,18 @@ def test_settings_that_cannot_work_together_are_refused_before_loading(tmp_path,
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_alone_or_yaml_true_means_last_and_num_gpus_is_a_key(tmp_path):
+    assert printed_config("--resume")["resume_from_checkpoint"] == "last"
+    assert printed_config("--resume", "run/checkpoint-4")["resume_from_checkpoint"] == "run/checkpoint-4"
+    config = tmp_path / "run.yaml"
+    config.write_text("resume_from_checkpoint: true\nnum_gpus: 2\n")
+    merged = printed_config("--config", config)
+    assert merged["resume_from_checkpoint"] == "last" and merged["num_gpus"] == 2
+    config.write_text("resume_from_checkpoint: false\n")
+    assert printed_config("--config", config, "--num-gpus", "4") == {
+        **defaults(),
+        "resume_from_checkpoint": None,
+        "num_gpus": 4,
+    }

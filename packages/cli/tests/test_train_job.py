@@ -1,27 +1,12 @@
-"""From settings to the SFTJob: each setting reaches the job or the trainer arguments, or is refused, never dropped."""
+"""From settings to the SFTJob: each setting reaches the job or the trainer arguments, never dropped."""
 
 import dataclasses
 import json
 
 import pytest
 
-import swiftune_train
 from swiftune_cli.config_schema import defaults
-from swiftune_cli.train_job import build_job, check_dataset_format, resolve_checkpoint
-
-
-@dataclasses.dataclass
-class OlderJob:
-    """An SFTJob of an older swiftune-train: few fields, no callbacks."""
-
-    model: str | None = None
-    dataset: str | None = None
-    output_dir: str = "out"
-    lora_r: int = 16
-    learning_rate: float = 2e-4
-    gradient_checkpointing: bool = True
-    probe_questions: list = dataclasses.field(default_factory=list)
-    extra_args: dict = dataclasses.field(default_factory=dict)
+from swiftune_cli.train_job import CLI_SETTINGS, build_job, check_dataset_format, resolve_checkpoint
 
 
 def test_real_job_takes_every_default_and_the_callbacks_when_it_can(tmp_path):
@@ -40,36 +25,55 @@ def test_real_job_takes_every_default_and_the_callbacks_when_it_can(tmp_path):
         assert (getattr(job, key) if key in fields else job.extra_args[key]) == value
     assert job.gradient_checkpointing is False  # no GPU here: the CLI's default
     assert len(job.probe_questions) == 2  # the bundled dataset's held-out questions
-    if "callbacks" in fields:
-        assert marker in job.callbacks
+    assert marker in job.callbacks
 
 
-def test_settings_go_to_the_job_or_to_the_trainer_arguments(monkeypatch):
-    monkeypatch.setattr(swiftune_train, "SFTJob", OlderJob)
-    config = {**defaults(), "lora_r": 8, "dataset": "d.jsonl", "save_steps": 0, "report_to": ["none"]}
-    config.update(learning_rate=1e-3, warmup_steps=5.0, embedding_learning_rate=None, questions=["Q?"])
-    job = build_job(config, callbacks=[])
-    assert (job.lora_r, job.dataset, job.learning_rate, job.probe_questions) == (8, "d.jsonl", 1e-3, ["Q?"])
-    assert job.extra_args["warmup_steps"] == 5.0 and job.extra_args["lr_scheduler_type"] == "linear"
-    assert job.extra_args["report_to"] == []  # "none" means no integration
-    assert "save_steps" not in job.extra_args  # checkpoints need a job that keeps the trainer's folder
+def test_every_setting_reaches_the_job_or_the_trainer_arguments(tmp_path):
+    changed = {
+        "load_in_8bit": True,
+        "full_finetuning": True,
+        "lora_dropout": 0.1,
+        "target_modules": ["q_proj", "v_proj"],
+        "use_rslora": True,
+        "chat_template": "llama-3.1",
+        "packing": True,
+        "save_steps": 5,
+        "resume_from_checkpoint": "last",
+        "report_to": ["none", "tensorboard"],
+        "warmup_steps": 5.0,
+        "lr_scheduler_type": "cosine",
+        "questions": ["Q?"],
+    }
+    job = build_job({**defaults(), "output_dir": str(tmp_path), **changed}, callbacks=[])
+    fields = {f.name for f in dataclasses.fields(job)}
+    for key, value in changed.items():
+        if key == "report_to":
+            assert job.report_to == ["tensorboard"]  # "none" means no integration
+        elif key == "questions":
+            assert job.probe_questions == ["Q?"]
+        elif key in fields:
+            assert getattr(job, key) == value, key
+        else:
+            assert job.extra_args[key] == value, key
+    # Every key of the schema is used: by the job, the trainer arguments, or the CLI itself.
+    taken = fields | set(job.extra_args) | CLI_SETTINGS | {"questions"}
+    assert set(defaults()) <= taken, set(defaults()) - taken
 
 
-@pytest.mark.parametrize("key,value", [("use_rslora", True), ("target_modules", ["q_proj"]), ("save_steps", 5)])
-def test_a_changed_setting_the_job_cannot_apply_is_refused(monkeypatch, key, value):
-    monkeypatch.setattr(swiftune_train, "SFTJob", OlderJob)
-    with pytest.raises(ValueError, match=f"cannot apply {key}"):
-        build_job({**defaults(), key: value}, callbacks=[])
+def test_a_key_nobody_takes_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot apply no_such_setting"):
+        build_job({**defaults(), "no_such_setting": 1}, callbacks=[])
 
 
 def test_resume_last_finds_the_newest_checkpoint(tmp_path):
     for step in (9, 10, 2):
-        (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / f"checkpoint-{step}").mkdir(parents=True)
     (tmp_path / "checkpoint-final").mkdir()
-    assert resolve_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoints" / "checkpoint-10")
-    assert resolve_checkpoint(str(tmp_path / "checkpoints" / "checkpoint-2"), "x").endswith("checkpoint-2")
-    with pytest.raises(FileNotFoundError, match="no checkpoint-N folder"):
-        resolve_checkpoint("last", str(tmp_path / "checkpoints" / "checkpoint-2"))
+    assert resolve_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert resolve_checkpoint(str(tmp_path / "checkpoint-2"), "x").endswith("checkpoint-2")
+    assert resolve_checkpoint(None, str(tmp_path)) is None
+    with pytest.raises(FileNotFoundError, match="No checkpoint-N folder"):
+        resolve_checkpoint("last", str(tmp_path / "checkpoint-2"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_checkpoint(str(tmp_path / "nope"), str(tmp_path))
 

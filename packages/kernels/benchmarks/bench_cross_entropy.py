@@ -2,8 +2,8 @@
 
 Providers: PyTorch eager written as transformers writes it (logits.float() then F.cross_entropy), torch.compile of
 that same function, Liger-Kernel (when installed; it writes the gradient into the logits), and swiftune_kernels
-with inplace=True (gradient written into the logits buffer) and inplace=False. Ours' kernels ("row", "split") at a
-few launch configurations (the forward kernel alone, which is the whole fwd+bwd work) follow unless --no-sweep;
+with inplace=True (gradient written into the logits buffer) and inplace=False. Ours' row kernel at a few launch
+configurations (the forward kernel alone, which is the whole fwd+bwd work) follows unless --no-sweep;
 sweep_kernels.py sweeps many more.
 Prints one ``RESULT {json}`` line per measurement and a table.
 
@@ -113,25 +113,20 @@ def sweep(rows, vocab, dtype, device, on_gpu, smoke, copy_gbps, softcap):
 
     logits, targets = make_inputs(rows, vocab, dtype, device)
     weight = torch.ones(1, device=device)
-    # (kernel, block_v or chunk, warps); None: the launcher's defaults (sweep_kernels.py sweeps many more)
-    configs = [("row", 128, 4), ("split", 128, 1)] if smoke else [("row", 32768, 32), ("row", None, None)]
-    configs += [("split", None, None), (None, None, None)]
+    # (block_v, warps, KiB of each row kept in L2); None: the launcher's defaults (sweep_kernels.py sweeps more)
+    configs = [(128, 4, None), (64, 2, 0.25)] if smoke else [(32768, 32, None), (32768, 32, 256), (None, None, None)]
     out = []
-    for kernel, size, num_warps in configs:
-        sizes = {"chunk": size} if kernel == "split" else {"block_v": size}
+    for block_v, num_warps, keep_kib in configs:
         ms, timing = time_ms(
-            lambda k=kernel, s=sizes, nw=num_warps: cross_entropy_forward(
-                logits, targets, weight, softcap=softcap, grad=logits, kernel=k, num_warps=nw, **s
+            lambda bv=block_v, nw=num_warps, kk=keep_kib: cross_entropy_forward(
+                logits, targets, weight, softcap=softcap, grad=logits, block_v=bv, num_warps=nw, l2_keep_kib=kk
             ),
             on_gpu,
             smoke,
         )
-        if kernel is None:
-            name = "ours-kernel[default]"
-        else:
-            name = (
-                f"ours-kernel[{kernel},{'c' if kernel == 'split' else 'bv'}={size or 'auto'},w={num_warps or 'auto'}]"
-            )
+        name = "ours-kernel[default]"
+        if block_v is not None:
+            name = f"ours-kernel[bv={block_v},w={num_warps}" + (f",keep={keep_kib}KiB]" if keep_kib else "]")
         out.append(_row(name, rows, vocab, dtype, ms, copy_gbps, None, on_gpu, softcap=softcap, **timing))
     return out
 

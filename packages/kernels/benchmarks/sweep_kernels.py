@@ -2,13 +2,7 @@
 
 Ops and what is compared (bf16, CUDA-graph GPU time from _timing.py, do_bench where capture fails):
 
-- cross_entropy, fwd+bwd (in place), 8192 x 128256 and 8192 x 256000: the "row" kernel (default) against the
-  "split" kernel (chunk columns a program held in registers, one read and one write of the logits) at several
-  chunk / warp counts, with and without the fused mean launches; the fused linear CE (frozen lm_head) with the
-  row and the best split kernel, since it calls the same kernel. Gradients checked against the row kernel.
-- rope, fwd+bwd, q (1, 32, 8192, 128) and k (1, 8, 8192, 128) in transformers' (b, s, h, d) storage: the "heads"
-  kernel (default), with head groups fastest, and the "tokens" kernel (a few tokens a program with all heads), vs
-  Liger when importable; the contiguous layout for the default and the tokens kernel. Checked against the default.
+- cross_entropy and rope: see sweep_ce_rope.py (ours' variants against the default, Liger and torch.compile).
 - nf4 dequantization to bf16 of 8B-layer weights (4096 x 14336, 4096 x 4096), with and without double
   quantization: the per-element kernel (default) against the per-byte kernel (code lookup "load" / "tree" /
   "pair", bytes a program, warps, hand or hardware bf16 rounding), vs bitsandbytes when importable. Bit-exactness
@@ -18,10 +12,13 @@ Ops and what is compared (bf16, CUDA-graph GPU time from _timing.py, do_bench wh
   CUDA-graph and do_bench times both (their gap is host overhead), extra peak memory, error vs peft / default.
 
 Prints one ``RESULT {json}`` line per measurement and, last, the best configuration per op, its % of the copy
-bandwidth (memory-bound ops) and the one-line ``CONFIG`` change that makes it the default.
+bandwidth (memory-bound ops) and the one-line ``CONFIG`` change that makes it the default, then a table of every
+cross-entropy / RoPE provider. With several ops, each op runs in its own process (its share of --budget-s): a fresh
+CUDA context, so that memory one op leaves behind (the 2026-11-23 sweep ended at 78 GiB held after cross-entropy)
+cannot make the next op's CUDA-graph capture fail and fall back to host-bound do_bench timing.
 
     PYTHONPATH=$(ls -d packages/*/src | paste -sd:) python packages/kernels/benchmarks/sweep_kernels.py
-    ... sweep_kernels.py --ops nf4,rope --budget-s 120
+    ... sweep_kernels.py --ops cross_entropy,rope --budget-s 400
     ... sweep_kernels.py --smoke            # tiny shapes, CPU, Triton interpreter
 """
 
@@ -31,10 +28,12 @@ import argparse
 import importlib
 import json
 import os
+import subprocess
 import sys
 import time
 
 import torch
+from sweep_ce_rope import print_table, sweep_cross_entropy, sweep_rope
 
 OPS = ("cross_entropy", "rope", "nf4", "qkv")
 
@@ -64,7 +63,7 @@ class Sweep:
         except Exception as error:  # a host sync in fn: do_bench still measures it
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            ms, info["timing"] = _timing._do_bench_ms(fn), f"do_bench (capture failed: {repr(error)[:80]})"
+            ms, info["timing"] = _timing._do_bench_ms(fn), f"do_bench (capture failed: {repr(error)[:300]})"
             do_bench = False
         if do_bench:
             info["ms_do_bench"] = round(_timing._do_bench_ms(fn), 4)
@@ -117,156 +116,6 @@ def _extra_peak_mib(sweep, step):
     step()
     torch.cuda.synchronize()
     return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-
-
-# --- cross-entropy ---------------------------------------------------------------------------------------------
-
-# (chunk, block, warps): held in registers (block None; at most 32 logits a thread, more spill by ptxas for sm_90)
-# or streamed in blocks (two passes over a chunk of 1/2 or 1/4 of a row: the L2 footprint of a chunk, not a row)
-CE_SPLITS = [
-    (8192, None, 16),
-    (65536, 32768, 32),
-    (131072, 32768, 32),
-    (4096, None, 8),
-    (2048, None, 4),
-    (16384, None, 16),
-    (32768, 16384, 16),
-    (4096, None, 4),
-]
-
-
-def _cross_entropy_shape(sweep, ce, default, rows, vocab, splits):
-    from swiftune_kernels import cross_entropy
-
-    gen = torch.Generator(device=sweep.device).manual_seed(0)
-    logits = (torch.randn(rows, vocab, device=sweep.device, generator=gen) * 2).to(torch.bfloat16)
-    targets = torch.randint(0, vocab, (rows,), device=sweep.device, generator=gen)
-    targets[::20] = -100
-    ce.CONFIG.update(default, kernel="row")
-    ref = logits.clone().requires_grad_()
-    ref_loss = cross_entropy(ref, targets)
-    (ref_grad,) = torch.autograd.grad(ref_loss, ref)
-    del ref
-    base = logits.clone().requires_grad_()
-
-    def step():
-        torch.autograd.grad(cross_entropy(base.view_as(base), targets, inplace=True), [base])
-
-    def check():
-        x = logits.clone().requires_grad_()
-        loss = cross_entropy(x, targets)
-        (grad,) = torch.autograd.grad(loss, x)
-        # relative to the largest gradient (a mean over ~8k rows makes every entry small); bf16 rounding is ~4e-3
-        err = ((grad.float() - ref_grad.float()).abs().max() / ref_grad.float().abs().max()).item()
-        loss_err = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
-        return {"loss_rel_err": loss_err, "grad_rel_err": err, "valid": err < 2e-2 and loss_err < 1e-4}
-
-    shape = f"{rows}x{vocab}"
-    min_bytes = 2 * rows * vocab * 2  # read the logits once, write their gradient once
-    configs = [("row (default)", dict(kernel="row", fused_mean=False))]
-    for c, b, w in splits:
-        config = dict(kernel="split", chunk=c, block=b, num_warps=w, fused_mean=False)
-        configs.append((f"split c={c}" + (f" b={b}" if b else "") + f" w={w}", config))
-    configs.append(("row+fused_mean", dict(kernel="row", fused_mean=True)))
-    for name, config in configs:
-        ce.CONFIG.update(default, **config)
-        sweep.run("cross_entropy", shape, name, config, step, min_bytes, check)
-    best = _best(sweep.rows, op="cross_entropy", shape=shape)
-    if best and best["config"]["kernel"] == "split":
-        config = dict(best["config"], fused_mean=True)
-        ce.CONFIG.update(default, **config)
-        sweep.run("cross_entropy", shape, best["candidate"] + "+fused_mean", config, step, min_bytes, check)
-    ce.CONFIG.update(default)
-
-
-def _fused_linear_cross_entropy(sweep, ce, default, n, hidden, vocab, configs):
-    from swiftune_kernels import fused_linear_cross_entropy
-
-    gen = torch.Generator(device=sweep.device).manual_seed(1)
-    h = torch.randn(n, hidden, device=sweep.device, generator=gen).to(torch.bfloat16).requires_grad_()
-    w = (torch.randn(vocab, hidden, device=sweep.device, generator=gen) / hidden**0.5).to(torch.bfloat16)
-    t = torch.randint(0, vocab, (n,), device=sweep.device, generator=gen)
-    for name, config in configs:
-        ce.CONFIG.update(default, **config)
-        step = lambda: torch.autograd.grad(fused_linear_cross_entropy(h, w, t), [h])  # noqa: E731
-        sweep.run("fused_linear_cross_entropy", f"{n}x{hidden}x{vocab}", name, config, step, case="frozen lm_head")
-    ce.CONFIG.update(default)
-
-
-def sweep_cross_entropy(sweep):
-    ce = importlib.import_module("swiftune_kernels.cross_entropy")
-    default = dict(ce.CONFIG)
-    shapes = [(8, 300)] if sweep.smoke else [(8192, 128256), (8192, 256000)]
-    for rows, vocab in shapes:
-        splits = [(128, None, 1), (256, 64, 2)] if sweep.smoke else CE_SPLITS
-        _cross_entropy_shape(sweep, ce, default, rows, vocab, splits)
-    # The fused linear CE calls the same kernel per 1024-token chunk: the row kernel and the best split config.
-    splits = [r for r in sweep.rows if (r.get("config") or {}).get("kernel") == "split"]
-    best = _best(splits, op="cross_entropy", shape="x".join(map(str, shapes[0])))
-    configs = [("row (default)", dict(kernel="row"))]
-    if best:
-        configs.append((best["candidate"], {k: v for k, v in best["config"].items() if k != "fused_mean"}))
-    n, hidden, vocab = (16, 32, 300) if sweep.smoke else (8192, 4096, 128256)
-    _fused_linear_cross_entropy(sweep, ce, default, n, hidden, vocab, configs)
-
-
-# --- RoPE --------------------------------------------------------------------------------------------------------
-
-ROPE_TOKENS = [(1, 2, False), (1, 4, False), (1, 4, True), (2, 4, False), (2, 8, False), (4, 8, False), (4, 4, True)]
-
-
-def _rope_layout(sweep, rope_module, default, dims, layout, configs):
-    from bench_rope import _qk, _tables
-
-    from swiftune_kernels.rope import apply_rotary_pos_emb
-
-    batch, q_heads, k_heads, seq, head_dim = dims
-    shape = "x".join(map(str, dims))
-    tables = _tables(batch, seq, head_dim, sweep.device, torch.bfloat16)
-    cos, sin = tables["cos"], tables["sin"]
-    # forward reads q, k and writes q', k'; backward reads dq', dk' and writes dq, dk; each pass reads cos and sin
-    min_bytes = 4 * (q_heads + k_heads) * batch * seq * head_dim * 2 + 2 * 2 * seq * head_dim * 2
-    gen = torch.Generator(device=sweep.device).manual_seed(0)
-    q, k = _qk(batch, q_heads, k_heads, seq, head_dim, layout, sweep.device, torch.bfloat16, gen)
-    dq, dk = torch.randn_like(q), torch.randn_like(k)
-    rope_module.CONFIG.update(default)
-    ref = apply_rotary_pos_emb(q, k, cos, sin)
-    ref_all = (*ref, *torch.autograd.grad(ref, (q, k), (dq, dk)))
-
-    def check():
-        out = apply_rotary_pos_emb(q, k, cos, sin)
-        got = (*out, *torch.autograd.grad(out, (q, k), (dq, dk)))
-        err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref_all, strict=True))
-        return {"max_err_vs_default": err, "valid": err < 1e-2}
-
-    def step():
-        torch.autograd.grad(apply_rotary_pos_emb(q, k, cos, sin), (q, k), (dq, dk))
-
-    for name, config in configs:
-        rope_module.CONFIG.update(default, **config)
-        sweep.run("rope", shape, name, config, step, min_bytes, check, layout=layout)
-    rope_module.CONFIG.update(default)
-    try:
-        from liger_kernel.transformers.rope import liger_rotary_pos_emb
-    except ImportError:
-        return
-    ql, kl = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
-    # Liger rotates q and k in place (and the gradients in backward); re-rotating keeps their norms
-    step = lambda: torch.autograd.grad(liger_rotary_pos_emb(ql, kl, cos, sin), (ql, kl), (dq, dk))  # noqa: E731
-    sweep.run("rope", shape, "liger", None, step, min_bytes, layout=layout, competitor=True)
-
-
-def sweep_rope(sweep):
-    rope_module = importlib.import_module("swiftune_kernels.rope")
-    default = dict(rope_module.CONFIG)
-    dims = (1, 4, 2, 64, 32) if sweep.smoke else (1, 32, 8, 8192, 128)
-    hf = [("heads (default)", {}), ("heads groups_fastest", dict(groups_fastest=True))]
-    for s, w, split in ROPE_TOKENS[:2] if sweep.smoke else ROPE_TOKENS:
-        config = dict(hf_kernel="tokens", tokens_per_program=s, token_warps=w, split_qk=split)
-        hf.append((f"tokens s={s} w={w}" + (" split_qk" if split else ""), config))
-    _rope_layout(sweep, rope_module, default, dims, "hf", hf)
-    contiguous = [("heads (default)", {}), ("tokens s=4 w=4", dict(contiguous_kernel="tokens", tokens_per_program=4))]
-    _rope_layout(sweep, rope_module, default, dims, "contiguous", contiguous)
 
 
 # --- NF4 ---------------------------------------------------------------------------------------------------------
@@ -491,9 +340,17 @@ def main() -> None:
     )
     parser.add_argument("--target-ms", type=float, default=40.0, help="GPU time of one CUDA-graph replay")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under Triton's interpreter")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one op of a multi-op run
     args = parser.parse_args()
     if args.budget_s is None:
         args.budget_s = 1200.0 if args.smoke else 210.0  # the interpreter is ~1000x slower; the smoke runs every path
+    ops = args.ops.split(",")
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        sys.exit(f"unknown op {unknown[0]!r}; choose from {OPS}.")
+    if len(ops) > 1:
+        _run_each_op_in_its_process(args, ops)
+        return
     on_gpu = torch.cuda.is_available() and not args.smoke
     if not on_gpu:
         if not args.smoke:
@@ -506,10 +363,7 @@ def main() -> None:
     sweep.copy_gbps = round(_timing.copy_bandwidth_gbps(sweep.device, sweep.on_gpu, args.smoke), 1)
     device_name = torch.cuda.get_device_name() if sweep.on_gpu else "cpu (Triton interpreter)"
     print("RESULT " + json.dumps({"copy_bandwidth_gbps": sweep.copy_gbps, "device": device_name}), flush=True)
-    ops = args.ops.split(",")
     for i, op in enumerate(ops):
-        if op not in OPS:
-            sys.exit(f"unknown op {op!r}; choose from {OPS}.")
         begin = time.perf_counter()
         # each op gets an even share of what is left, so that a slow one cannot starve the last; time an op does
         # not use goes to the next
@@ -522,6 +376,30 @@ def main() -> None:
         if sweep.on_gpu:
             torch.cuda.empty_cache()
     summarize(sweep)
+    if not args.child:
+        print_table(sweep.rows, sweep.copy_gbps)
+    print(f"# total {time.perf_counter() - start:.0f} s")
+
+
+def _run_each_op_in_its_process(args, ops):
+    """One process an op, each with its share of the budget left; the table of all their rows is printed last."""
+    start = time.perf_counter()
+    rows = []
+    for i, op in enumerate(ops):
+        # cross-entropy (two 4-8 GiB shapes, torch.compile of each) gets twice the share of the others
+        weights = [2.0 if o == "cross_entropy" else 1.0 for o in ops[i:]]
+        share = max(1.0, (args.budget_s - (time.perf_counter() - start)) * weights[0] / sum(weights))
+        cmd = [sys.executable, os.path.abspath(__file__), "--ops", op, "--budget-s", f"{share:.0f}", "--child"]
+        cmd += ["--target-ms", str(args.target_ms)] + (["--smoke"] if args.smoke else [])
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                if line.startswith("RESULT {"):
+                    rows.append(json.loads(line[len("RESULT ") :]))
+        if proc.returncode:
+            print(f"# {op}: its process exited with {proc.returncode}", flush=True)
+    copy_gbps = next((r["copy_bandwidth_gbps"] for r in rows if "copy_bandwidth_gbps" in r), None)
+    print_table(rows, copy_gbps)
     print(f"# total {time.perf_counter() - start:.0f} s")
 
 

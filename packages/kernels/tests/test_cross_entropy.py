@@ -11,6 +11,7 @@ from swiftune_kernels.reference.fused_linear_cross_entropy import fused_linear_c
 
 # the module, not the function of the same name that the package exports
 ce_module = importlib.import_module("swiftune_kernels.cross_entropy")
+reduce_module = importlib.import_module("swiftune_kernels.cross_entropy_reduce")
 
 DTYPES = [torch.float32, torch.bfloat16]
 OPTIONS = {
@@ -240,28 +241,44 @@ def test_package_exports():
     assert swiftune_kernels.CrossEntropyFunction is CrossEntropyFunction
 
 
-# --- the "split" kernel: chunks of a row in registers, partial max / sum exchanged between programs ---------------
+# --- sweep variants of the row kernel (CONFIG): a kept L2 tail, persistent grids ------------------------------------
 
-SPLIT_OPTIONS = {"plain": {}, "scale+softcap": {"logit_scale": 1.7, "softcap": 3.0}}
-# V = 1000: 8 chunks of 128 held in registers, or 4 chunks of 256 each streamed in blocks of 64; last chunk ragged
-SPLIT_LAYOUTS = {"held": {"chunk": 128}, "streamed": {"chunk": 256, "split_block": 64}}
+VARIANT_OPTIONS = {"plain": {}, "scale+softcap": {"logit_scale": 1.7, "softcap": 3.0}}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("option", SPLIT_OPTIONS)
-@pytest.mark.parametrize("layout", SPLIT_LAYOUTS)
-def test_split_kernel_matches_float64_reference(dtype, option, layout, device, tolerance):
-    # Per-row weights as the fused linear CE passes them; a row whose first chunk is all -inf (masked vocabulary)
-    # and whose maximum sits in the last chunk.
+@pytest.mark.parametrize("option", VARIANT_OPTIONS)
+@pytest.mark.parametrize(
+    ("l2_keep_kib", "programs", "pipelined"), [(1, None, False), (0.6, 3, True), (0, None, False), (None, None, True)]
+)
+def test_kept_tail_and_persistent_grid_match_float64_reference(
+    dtype, option, l2_keep_kib, programs, pipelined, device, tolerance
+):
+    # V = 1000 in blocks of 128: 1 KiB keeps 256 float32 columns (head: blocks 0-4, tail from 640, the last block
+    # ragged) or 512 bf16 ones (tail from 384); 0 keeps only the ragged last block (head to 896). Per-row weights
+    # as the fused linear CE passes them; a row whose head is all -inf (masked vocabulary) and whose maximum sits in
+    # the tail, another whose maximum sits in the head, so both loops and their hand-over count. "pipelined": the
+    # first block requested before the target and the gradient pass double-buffered (with and without a head).
     logits, targets = make_inputs(7, 1000, dtype, device)
     logits[2, :300] = float("-inf")
     logits[2, 990] = 20.0
     targets[2] = 990
+    logits[4, 100] = 25.0  # the maximum of this row in the streamed head
     row_weight = torch.rand(7, device=device)
     grad = torch.empty_like(logits)
-    options = SPLIT_OPTIONS[option]
-    split = SPLIT_LAYOUTS[layout]
-    loss = cross_entropy_forward(logits, targets, row_weight, grad=grad, kernel="split", **split, **options)
+    options = VARIANT_OPTIONS[option]
+    loss = cross_entropy_forward(
+        logits,
+        targets,
+        row_weight,
+        grad=grad,
+        block_v=128,
+        l2_keep_kib=l2_keep_kib,
+        programs=programs,
+        early_load=pipelined,
+        grad_prefetch=pipelined,
+        **options,
+    )
     x = logits.detach().double().requires_grad_()
     expected = reference(x, targets, reduction="none", **options)
     expected.backward(row_weight.double())
@@ -270,13 +287,18 @@ def test_split_kernel_matches_float64_reference(dtype, option, layout, device, t
     assert (grad[targets == -100] == 0).all() and (loss[targets == -100] == 0).all()
 
 
-@pytest.mark.parametrize(("fused_mean", "block"), [(False, None), (True, None), (True, 128)])
-def test_split_kernel_through_the_public_function(fused_mean, block, device, tolerance, monkeypatch):
-    """The default switched to "split" (held or streamed, and the fused mean launches): loss and gradient."""
-    monkeypatch.setitem(ce_module.CONFIG, "kernel", "split")
-    monkeypatch.setitem(ce_module.CONFIG, "chunk", 256)
-    monkeypatch.setitem(ce_module.CONFIG, "block", block)
-    monkeypatch.setitem(ce_module.CONFIG, "fused_mean", fused_mean)
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"l2_keep_kib": 0.5, "block_v": 128},
+        {"programs_per_sm": 1, "num_warps": 2},
+        {"early_load": True, "grad_prefetch": True, "block_v": 256},
+    ],
+)
+def test_config_variants_through_the_public_function(config, device, tolerance, monkeypatch):
+    """A sweep winner switched on in CONFIG: loss and gradient, out of place and in place."""
+    for key, value in config.items():
+        monkeypatch.setitem(ce_module.CONFIG, key, value)
     logits, targets = make_inputs(9, 700, torch.bfloat16, device)
     n_kept = (targets != -100).sum().float()
     expected_loss, expected_grad = oracle(logits, targets, n_kept)
@@ -288,10 +310,7 @@ def test_split_kernel_through_the_public_function(fused_mean, block, device, tol
         torch.testing.assert_close(x.grad.double(), expected_grad, **tolerance(torch.bfloat16))
 
 
-@pytest.mark.parametrize("kernel", ["row", "split"])
-def test_fused_mean_launches_match_the_torch_reduction(kernel, device, monkeypatch):
-    monkeypatch.setitem(ce_module.CONFIG, "kernel", kernel)
-    monkeypatch.setitem(ce_module.CONFIG, "chunk", 64)
+def test_fused_mean_launches_match_the_torch_reduction(device, monkeypatch):
     logits, targets = make_inputs(11, 150, torch.float32, device)
     results = []
     for fused_mean in (False, True):
@@ -310,42 +329,23 @@ def test_fused_mean_launches_match_the_torch_reduction(kernel, device, monkeypat
     assert torch.isnan(loss) and (x.grad == 0).all()
 
 
-def test_split_kernel_out_of_range_target_gives_nan(device):
-    logits, targets = make_inputs(3, 300, torch.float32, device)
-    targets[1] = 300
-    loss = cross_entropy_forward(logits, targets, torch.ones(1, device=device), kernel="split", chunk=128)
-    assert torch.isnan(loss[1]) and torch.isfinite(loss[0]) and torch.isfinite(loss[2])
-
-
-def test_split_kernel_large_vocab_in_default_chunks(device, tolerance, monkeypatch):
-    # 151936 (Qwen) in the default 8192-column chunks: 19 programs a row, the last one ragged.
-    monkeypatch.setitem(ce_module.CONFIG, "kernel", "split")
-    logits, targets = make_inputs(2, 151936, torch.bfloat16, device, ignore_every=3)
-    logits[1, 151935] = 30.0
-    targets[1] = 151935
-    x = logits.clone().requires_grad_()
-    loss = cross_entropy(x, targets, softcap=30.0)
-    loss.backward(torch.tensor(2.0, device=device))
-    expected_loss, expected_grad = oracle(logits, targets, torch.tensor(2.0), softcap=30.0)
-    torch.testing.assert_close(loss.double(), expected_loss, **tolerance(torch.float32))
-    torch.testing.assert_close(x.grad.double(), expected_grad, **tolerance(torch.bfloat16))
-
-
-def test_fused_linear_cross_entropy_runs_on_the_split_kernel(device, tolerance, monkeypatch):
-    """The fused linear CE calls cross_entropy_forward per chunk of tokens: switching the kernel switches it too."""
-    monkeypatch.setitem(ce_module.CONFIG, "kernel", "split")
-    monkeypatch.setitem(ce_module.CONFIG, "chunk", 128)
+def test_fused_linear_cross_entropy_follows_the_config(device, tolerance, monkeypatch):
+    """The fused linear CE calls cross_entropy_forward per chunk of tokens: a CONFIG variant applies there too."""
+    monkeypatch.setitem(ce_module.CONFIG, "l2_keep_kib", 0.5)
+    monkeypatch.setitem(ce_module.CONFIG, "block_v", 64)
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(13, 16, generator=gen).to(device).requires_grad_()
     weight = (torch.randn(300, 16, generator=gen) * 0.3).to(device).requires_grad_()
     targets = torch.randint(0, 300, (13,), generator=gen).to(device)
     targets[::4] = -100
-    called = []
-    original = ce_module._launch_split
-    monkeypatch.setattr(ce_module, "_launch_split", lambda *a: called.append(1) or original(*a))
+    seen = []
+    original = ce_module._cross_entropy_fwd_kernel
+    monkeypatch.setattr(ce_module, "_cross_entropy_fwd_kernel", _Spy(original, seen))
     loss = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=8)
     loss.backward()
-    assert called  # the split kernel ran
+    assert seen and all(
+        args[11] == 128 for args in seen
+    )  # keep_from: 300 - 128 kept (0.5 KiB of float32), in whole blocks of 64
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     expected = reference_linear(h64, w64, targets)
     expected.backward()
@@ -354,24 +354,23 @@ def test_fused_linear_cross_entropy_runs_on_the_split_kernel(device, tolerance, 
     torch.testing.assert_close(weight.grad.double(), w64.grad, **tolerance(torch.float32))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="one launch whose programs wait for each other: GPU only")
-@pytest.mark.parametrize("split", [{"chunk": 4096}, {"chunk": 16384, "split_block": 4096}])
-def test_split_kernel_single_launch_on_gpu(split, tolerance):
-    """On a GPU the chunks of a row synchronize inside one launch (the CPU tests run the two-launch form)."""
-    logits, targets = make_inputs(300, 50000, torch.bfloat16, "cuda")
-    grad = torch.empty_like(logits)
-    weight = torch.ones(1, device="cuda")
-    loss = cross_entropy_forward(logits, targets, weight, grad=grad, kernel="split", sync="kernel", **split)
-    x = logits.detach().double().requires_grad_()
-    expected = reference(x, targets, reduction="none")
-    expected.sum().backward()
-    torch.testing.assert_close(loss.double(), expected.detach(), **tolerance(torch.float32))
-    torch.testing.assert_close(grad.double(), x.grad, **tolerance(torch.bfloat16))
+class _Spy:
+    """Records the arguments of each launch of a Triton kernel, then launches it."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(args)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 def test_backward_scaling_loops_when_programs_are_capped(device, monkeypatch):
     """A scalar grad_output scales the whole gradient with at most _BWD_MAX_PROGRAMS programs, each walking spans."""
-    monkeypatch.setattr(ce_module, "_BWD_MAX_PROGRAMS", 2)
+    monkeypatch.setattr(reduce_module, "_BWD_MAX_PROGRAMS", 2)
     grad = torch.randn(5, 70000, device=device)  # 350000 elements: 6 spans of 65536 for 2 programs
     expected = grad * 3.0
     ce_module.cross_entropy_backward(grad, torch.tensor([3.0], device=device))

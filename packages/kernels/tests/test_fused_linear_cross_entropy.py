@@ -187,3 +187,43 @@ def test_user_errors(change, error, match):
 def test_package_exports():
     assert swiftune_kernels.fused_linear_cross_entropy is fused_linear_cross_entropy
     assert swiftune_kernels.FusedLinearCrossEntropyFunction is FusedLinearCrossEntropyFunction
+
+
+def _sharded_weight_worker(rank: int, world_size: int, store_path: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        # An odd vocabulary: FSDP2's Shard(0) leaves the ranks uneven shards (19 and 18 rows).
+        hidden, weight, targets, bias = make_inputs(torch.float32, "cpu", weight_grad=True, with_bias=True, v=37)
+        hidden = (hidden.detach() + rank).requires_grad_()  # each rank has its own batch, as in data parallelism
+        sharded_weight = distribute_tensor(weight.detach(), mesh, [Shard(0)]).requires_grad_()
+        sharded_bias = distribute_tensor(bias.detach(), mesh, [Shard(0)]).requires_grad_()
+        loss = fused_linear_cross_entropy(hidden, sharded_weight, targets, sharded_bias, chunk_size=CHUNK)
+        loss.backward()
+
+        local_hidden = hidden.detach().clone().requires_grad_()
+        expected = fused_linear_cross_entropy(local_hidden, weight, targets, bias, chunk_size=CHUNK)
+        expected.backward()
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(hidden.grad, local_hidden.grad)
+        # FSDP averages the gradients of sharded parameters over the ranks; the gathered weight must do the same.
+        for param, sharded in ((weight, sharded_weight), (bias, sharded_bias)):
+            mean_grad = param.grad.clone()
+            dist.all_reduce(mean_grad)
+            mean_grad /= world_size
+            torch.testing.assert_close(sharded.grad.full_tensor(), mean_grad)
+            assert sharded.grad.to_local().shape == sharded.to_local().shape
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_weight_sharded_by_fsdp_is_gathered(tmp_path):
+    # fork: the workers inherit this process's imports (seconds saved per worker on a small machine).
+    torch.multiprocessing.start_processes(
+        _sharded_weight_worker, args=(2, str(tmp_path / "store")), nprocs=2, start_method="fork"
+    )

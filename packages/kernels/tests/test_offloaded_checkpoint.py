@@ -513,3 +513,44 @@ def test_cuda_offload_holds_no_layer_inputs_on_the_gpu():
     # Recompute keeps layers 1..n-1's inputs (layer 0's is x itself) plus the output; offload keeps the output only.
     assert recompute >= n * one_input
     assert offload <= 1.5 * one_input
+
+
+def test_per_layer_modes_keep_or_drop_activations_with_identical_gradients():
+    torch.manual_seed(0)
+    layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)) for _ in range(2)])
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def run() -> tuple[int, list[torch.Tensor]]:
+        saved = 0
+
+        def pack(t):
+            nonlocal saved
+            saved += 1
+            return t
+
+        layers.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            h = x
+            for layer in layers:
+                h = layer(h)
+        h.square().sum().backward()
+        return saved, [x.grad.clone(), *(p.grad.clone() for p in layers.parameters())]
+
+    plain_saved, expected = run()
+    handle = apply_offloaded_checkpointing(layers, policy="recompute")
+    assert handle.modes == ["recompute", "recompute"]
+    all_saved, grads_all = run()
+    handle.set_modes(["none", "recompute"])
+    assert handle.modes == ["none", "recompute"]
+    mixed_saved, grads_mixed = run()
+    # An un-checkpointed layer saves what it saves without checkpointing; a checkpointed one only its inputs.
+    assert all_saved < mixed_saved < plain_saved
+    for got_all, got_mixed, want in zip(grads_all, grads_mixed, expected, strict=True):
+        torch.testing.assert_close(got_all, want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got_mixed, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="one mode per layer"):
+        handle.set_modes(["none"])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        handle.set_modes(["none", "sometimes"])
+    handle.revert()

@@ -290,8 +290,8 @@ def test_angle_tables_helper_is_sane():
 ROPE_VARIANTS = {
     # 2 tokens a program; a 32-element tile budget forces head blocks of 2 (the head loop, a partial last block)
     "tokens": dict(hf_kernel="tokens", contiguous_kernel="tokens", tokens_per_program=2, token_tile=32, token_warps=2),
-    "tokens-split-qk": dict(hf_kernel="tokens", contiguous_kernel="tokens", tokens_per_program=1, split_qk=True),
-    "heads-groups-fastest": dict(groups_fastest=True),
+    "tokens-one": dict(hf_kernel="tokens", contiguous_kernel="tokens", tokens_per_program=1, token_warps=4),
+    "heads": dict(hf_kernel="heads", contiguous_kernel="heads"),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 from dataclasses import dataclass
 
 GROUPS = ("loading", "lora", "data", "training")
@@ -44,6 +45,8 @@ class Option:
         nullable: None is an allowed value (in YAML: ``null``).
         repeat: a list flag given once per item (items may hold commas) instead of comma-separated.
         false_flag: an extra flag that sets a bool option to False.
+        true_means: for a str option: the value that YAML ``true`` (and the flag given without a value) stands
+            for; YAML ``false`` then means null.
     """
 
     key: str
@@ -56,6 +59,7 @@ class Option:
     nullable: bool = False
     repeat: bool = False
     false_flag: str | None = None
+    true_means: str | None = None
 
     @property
     def flag(self) -> str:
@@ -150,10 +154,18 @@ OPTIONS: tuple[Option, ...] = (
         "resume_from_checkpoint",
         str,
         None,
-        "a checkpoint folder to resume from, or 'last' for the newest in OUTPUT_DIR",
+        "a checkpoint folder to resume from, or 'last' (also: the flag alone, YAML true) for the newest in OUTPUT_DIR",
         "training",
         ("--resume",),
         nullable=True,
+        true_means="last",
+    ),
+    Option(
+        "num_gpus",
+        int,
+        1,
+        "GPUs to train on; above 1 the run is relaunched under torchrun, one process per GPU",
+        "training",
     ),
     Option(
         "report_to",
@@ -202,6 +214,10 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*names, action="append", metavar="TEXT", **common)
         elif option.kind is list:
             group.add_argument(*names, type=_comma_list, metavar="A,B,...", **common)
+        elif option.true_means is not None:
+            group.add_argument(
+                *names, type=_flag_parser(option), nargs="?", const=option.true_means, metavar="VALUE", **common
+            )
         else:
             metavar = "{" + ",".join(option.choices) + "}" if option.choices else option.kind.__name__.upper()
             group.add_argument(*names, type=_flag_parser(option), metavar=metavar, **common)
@@ -233,6 +249,8 @@ def coerce(option: Option, value, source: str):
         if isinstance(value, bool):
             return value
         raise ValueError(f"{where} must be true or false, got {value!r}.")
+    if option.true_means is not None and isinstance(value, bool):
+        return option.true_means if value else None
     if option.kind is list:
         items = _comma_list(value) if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
@@ -309,14 +327,15 @@ def check_settings(config: dict) -> None:
     Raises:
         ValueError: one sentence naming the keys at fault and what to change.
     """
-    for key in ("max_seq_length", "batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha"):
+    for key in ("max_seq_length", "batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha", "num_gpus"):
         if config[key] <= 0:
             raise ValueError(f"{key} must be a positive integer, got {config[key]}.")
     if not 0.0 <= config["lora_dropout"] < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {config['lora_dropout']}.")
     for key in ("learning_rate", "embedding_learning_rate"):
-        if config[key] is not None and config[key] <= 0:
-            raise ValueError(f"{key} must be positive, got {config[key]}.")
+        # A NaN compares False both ways, so "<= 0" alone would let it through.
+        if config[key] is not None and not (config[key] > 0 and math.isfinite(config[key])):
+            raise ValueError(f"{key} must be a positive finite number, got {config[key]}.")
     if config["warmup_steps"] < 0 or config["save_steps"] < 0:
         raise ValueError("warmup_steps and save_steps must not be negative.")
     if config["max_steps"] == 0 or (config["max_steps"] < 0 and config["num_train_epochs"] <= 0):

@@ -64,13 +64,15 @@ def run_dry_run(config: dict) -> int:
 
 def _check_settings(config: dict):
     from swiftune_cli.config_schema import check_settings
-    from swiftune_cli.train_job import build_job
+    from swiftune_cli.train_job import build_job, resolve_checkpoint
     from swiftune_train import check_output_dir
 
     check_settings(config)
     check_output_dir(config["output_dir"])
     build_job(config, callbacks=[])  # refuses settings the installed swiftune-train cannot apply
-    return f"all keys valid; output to {config['output_dir']}", True
+    checkpoint = resolve_checkpoint(config["resume_from_checkpoint"], config["output_dir"])
+    resume = f"; resumes from {checkpoint}" if checkpoint else ""
+    return f"all keys valid; output to {config['output_dir']}{resume}", True
 
 
 def _check_model(config: dict):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 METHODS = ("merged_16bit", "merged_4bit", "lora", "gguf")
 DEFAULT_SOURCE = "swiftune-output/adapter"
+# llama.cpp's usual trade-off of size and quality; the numpy-only types (q8_0, f16) are one --quant away.
+DEFAULT_QUANTS = ("q4_k_m",)
 
 
 def add_parser(commands, parents=()) -> None:
@@ -20,7 +22,8 @@ def add_parser(commands, parents=()) -> None:
         help="merge, convert to GGUF (+ Ollama Modelfile), or copy out a LoRA adapter",
         description="Export a training output (its LoRA adapter folder, or the output folder that holds adapter/) or "
         "a model folder: merged safetensors that plain transformers loads (default), a plain peft adapter folder, "
-        "or GGUF files for llama.cpp with an Ollama Modelfile.",
+        "merged with the linear layers stored 4-bit (bitsandbytes NF4), or GGUF files for llama.cpp with an Ollama "
+        "Modelfile. A base stored in 4 bits is dequantized first.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", nargs="?", default=None, help=f"adapter or model folder (default: {DEFAULT_SOURCE})")
@@ -32,8 +35,8 @@ def add_parser(commands, parents=()) -> None:
         action="append",
         default=None,
         metavar="Q[,Q...]",
-        help="GGUF types, comma-separated or repeated: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, "
-        "q6_k, q4_k_m, q5_k_m (default: q8_0)",
+        help="GGUF types, comma-separated or repeated, one file each: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, "
+        f"q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (default: {','.join(DEFAULT_QUANTS)})",
     )
     p.add_argument("--base", default=None, help="base model folder (default: the one recorded in the adapter)")
     p.add_argument("--no-modelfile", action="store_true", help="GGUF: do not write an Ollama Modelfile")
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     print(f"exporting {source} as {args.method} to {out}", flush=True)
     if args.method == "gguf":
-        _export_gguf(source, out, quants or ["q8_0"], args)
+        _export_gguf(source, out, quants or list(DEFAULT_QUANTS), args)
     elif args.method == "merged_16bit" and (source / "adapter_config.json").is_file():
         from swiftune_export import merge_adapter
 
@@ -70,7 +73,14 @@ def run(args: argparse.Namespace) -> int:
         from swiftune_export import save_merged
 
         _step(1, 1, f"writing {args.method}")
-        save_merged(source, out=out, method=args.method, base_dir=args.base, overwrite=args.overwrite)
+        save_merged(
+            source,
+            out=out,
+            method=args.method,
+            base_dir=args.base,
+            overwrite=args.overwrite,
+            max_shard_bytes=int(args.max_shard_size * 1024**3),
+        )
     print(f"done in {time.perf_counter() - start:.1f} s: {out}")
     for path in sorted(out.iterdir()):
         print(f"  {path.name:<40} {_size(path)}")
@@ -79,26 +89,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export_gguf(source: Path, out: Path, quants: list[str], args) -> None:
-    """Merge (for an adapter) into a scratch folder inside the staging folder, then write one GGUF per type."""
+    """Merge (an adapter) or dequantize (a 4-bit model) into a scratch folder inside the staging folder, then write
+    one GGUF per type."""
     import shutil
 
-    from swiftune_export import atomic_directory, write_gguf, write_modelfile
+    from swiftune_export import atomic_directory, save_merged, write_gguf, write_modelfile
     from swiftune_export.gguf_quant_types import quant_type
 
     for name in quants:
         quant_type(name)  # an unknown name fails before any work
     is_adapter = (source / "adapter_config.json").is_file()
-    _refuse_quantized(Path(args.base) if args.base else _adapter_base(source) if is_adapter else source)
-    total = len(quants) + int(is_adapter) + int(not args.no_modelfile)
+    # GGUF is written from 16-bit safetensors: an adapter is merged into its base, a quantized model dequantized.
+    needs_merge = is_adapter or _stored_quantized(source)
+    total = len(quants) + int(needs_merge) + int(not args.no_modelfile)
     step = 0
     with atomic_directory(out, overwrite=args.overwrite) as staging:
         model_dir = source
-        if is_adapter:
-            from swiftune_export import merge_adapter
-
+        if needs_merge:
             step += 1
-            _step(step, total, "merging the adapter into its base model (the GGUF's source)")
-            model_dir = merge_adapter(source, staging / ".merged", base_dir=args.base, overwrite=True)
+            what = "merging the adapter into its base model" if is_adapter else "dequantizing the 4-bit weights"
+            _step(step, total, f"{what} (the GGUF's source)")
+            model_dir = save_merged(
+                source, out=staging / ".merged", method="merged_16bit", base_dir=args.base, overwrite=True
+            )
         files = []
         for name in quants:
             step += 1
@@ -113,7 +126,7 @@ def _export_gguf(source: Path, out: Path, quants: list[str], args) -> None:
                 write_modelfile(staging, files[0], tokenizer=model_dir)
             except ValueError as error:  # an unknown chat format: the GGUF files are still the export
                 print(f"        no Modelfile: {' '.join(str(error).split())}", flush=True)
-        if is_adapter:
+        if needs_merge:
             shutil.rmtree(model_dir)
 
 
@@ -131,18 +144,9 @@ def _source_folder(name: str) -> Path:
     return path
 
 
-def _adapter_base(adapter: Path) -> Path:
-    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-    return Path(base).expanduser()
-
-
-def _refuse_quantized(model_dir: Path) -> None:
+def _stored_quantized(model_dir: Path) -> bool:
     config = model_dir / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("quantization_config"):
-        raise ValueError(
-            f"'{model_dir}' is stored quantized (4-bit or 8-bit); GGUF export needs its 16-bit weights: pass --base "
-            "the unquantized folder."
-        )
+    return config.is_file() and bool(json.loads(config.read_text()).get("quantization_config"))
 
 
 def _step(index: int, total: int, text: str) -> None:

@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``swiftune``; returns the exit status (0 on success, 1 on an error, 2 on a usage error)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command is not None:
+        # The subcommand's own arguments, for a command that relaunches itself (swiftune train --num-gpus N).
+        args.command_argv = argv[argv.index(args.command) + 1 :]
     if args.version:
         from importlib.metadata import version
 

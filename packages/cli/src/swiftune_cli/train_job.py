@@ -1,77 +1,62 @@
 """From the merged settings of ``swiftune train`` to a ``swiftune_train.SFTJob``.
 
-Each setting goes to the SFTJob field of its name when the installed swiftune-train has one, else to the trainer
-arguments (TRL's SFTConfig and swiftune's subclass of it) when it is one of their fields. A setting that neither
-takes is refused when it differs from its default, rather than silently ignored.
+Each setting goes to the SFTJob field of its name, else to the trainer arguments (TRL's SFTConfig and swiftune's
+subclass of it) through ``SFTJob.extra_args``. A few settings are the CLI's own: they are resolved here (defaults
+that depend on the machine or the dataset) or act before the job (``num_gpus``, ``dataset_format``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
-from swiftune_cli.config_schema import OPTIONS_BY_KEY
-
-# Settings the CLI resolves itself (defaults that depend on the machine or the dataset).
-CLI_SETTINGS = {"dataset_format", "gradient_checkpointing", "questions"}
-# Trainer arguments that only make sense when the job keeps the trainer's output folder (checkpoints live there).
-JOB_ONLY = {"save_steps", "resume_from_checkpoint"}
+# Settings the CLI resolves itself (defaults that depend on the machine or the dataset, the launcher).
+CLI_SETTINGS = {"dataset_format", "gradient_checkpointing", "questions", "num_gpus"}
 
 
 def build_job(config: dict, callbacks: list):
     """The SFTJob for ``config`` (the merged, checked settings) with ``callbacks`` attached.
 
     Raises:
-        ValueError: a setting that the installed swiftune-train cannot apply was changed from its default.
+        ValueError: a setting that neither the job nor the trainer arguments know (a schema out of step with the
+            installed swiftune-train).
     """
     import torch
 
     from swiftune_train import SFTJob
 
     job_fields = {f.name for f in dataclasses.fields(SFTJob)}
-    trainer_fields = trainer_argument_names()
-    kwargs, extra, unsupported = {}, {}, []
+    kwargs, extra = {}, {}
     for key, value in config.items():
         if key in CLI_SETTINGS:
             continue
         if key in job_fields:
             kwargs[key] = value
-        elif key in trainer_fields and key not in JOB_ONLY:
-            extra.update(_trainer_argument(key, value))
-        elif value != OPTIONS_BY_KEY[key].default:
-            unsupported.append(key)
-    if unsupported:
+        else:
+            extra[key] = value
+    unknown = sorted(set(extra) - trainer_argument_names())
+    if unknown:
         raise ValueError(
-            f"The installed swiftune-train cannot apply {', '.join(unsupported)}; leave "
-            f"{'it' if len(unsupported) == 1 else 'them'} at the default or update swiftune-train."
+            f"The installed swiftune-train cannot apply {', '.join(unknown)}; update swiftune-train to the version "
+            "of swiftune-cli."
         )
     checkpointing = config["gradient_checkpointing"]
     kwargs["gradient_checkpointing"] = torch.cuda.is_available() if checkpointing is None else checkpointing
     questions = config["questions"]
     kwargs["probe_questions"] = questions if questions is not None else default_questions(config["dataset"])
-    if "resume_from_checkpoint" in kwargs:
-        kwargs["resume_from_checkpoint"] = resolve_checkpoint(kwargs["resume_from_checkpoint"], config["output_dir"])
-    if "callbacks" in job_fields:
-        kwargs["callbacks"] = list(callbacks)
+    kwargs["report_to"] = [item for item in config["report_to"] if item != "none"]
+    if config["target_modules"] == ["all-linear"]:
+        kwargs["target_modules"] = "all-linear"  # peft's keyword, not a layer name
+    kwargs["callbacks"] = list(callbacks)
     kwargs["extra_args"] = extra
     return SFTJob(**kwargs)
 
 
 def trainer_argument_names() -> set[str]:
     """Fields of the trainer arguments that swiftune-train builds (TRL's SFTConfig or swiftune's subclass)."""
-    import tempfile
+    from swiftune_train import SFTConfig
 
-    from swiftune_train import sft_config
-
-    with tempfile.TemporaryDirectory(prefix="swiftune-args-") as scratch:
-        return {f.name for f in dataclasses.fields(type(sft_config(scratch)))}
-
-
-def _trainer_argument(key: str, value) -> dict:
-    if key == "report_to":
-        return {"report_to": [item for item in value if item != "none"]}
-    return {key: value}
+    return {f.name for f in dataclasses.fields(SFTConfig)}
 
 
 def default_questions(dataset: str | None) -> list[str]:
@@ -86,22 +71,15 @@ def default_questions(dataset: str | None) -> list[str]:
 
 
 def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
-    """A checkpoint folder; ``last`` names the newest ``checkpoint-N`` under ``output_dir``.
+    """The checkpoint folder ``resume_from_checkpoint`` names (``last``: the newest ``checkpoint-N`` in
+    ``output_dir``), as the job will resolve it; for checking before the job runs.
 
     Raises:
         FileNotFoundError: the folder does not exist, or ``last`` finds no checkpoint.
     """
-    if value is None:
-        return None
-    if value != "last":
-        if not Path(value).expanduser().is_dir():
-            raise FileNotFoundError(f"Checkpoint folder '{value}' does not exist.")
-        return value
-    found = [p for p in Path(output_dir).expanduser().glob("**/checkpoint-*") if p.is_dir()]
-    numbered = [p for p in found if p.name.removeprefix("checkpoint-").isdigit()]
-    if not numbered:
-        raise FileNotFoundError(f"resume_from_checkpoint: last found no checkpoint-N folder under '{output_dir}'.")
-    return str(max(numbered, key=lambda p: int(p.name.removeprefix("checkpoint-"))))
+    from swiftune_train.sft_job import resolve_checkpoint as resolve
+
+    return resolve(value, output_dir)
 
 
 def check_dataset_format(dataset: str | None, expected: str | None) -> None:

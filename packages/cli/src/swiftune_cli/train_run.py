@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,13 +21,15 @@ def run_training(config: dict) -> int:
 
     output_dir = check_output_dir(config["output_dir"])
     check_dataset_format(config["dataset"], config["dataset_format"])
+    # Under torchrun every rank runs this; one of them draws and reports, the others train quietly.
+    main_process = is_main_process()
     bar = ProgressBar(sys.stderr)
-    job = build_job(config, callbacks=[bar])
-    # Without SFTJob.callbacks (an older swiftune-train) its own per-step lines are the progress, on stderr.
-    has_bar = bool(getattr(job, "callbacks", None))
+    job = build_job(config, callbacks=[bar] if main_process else [])
     start = time.perf_counter()
-    result = run_sft_job(job, write=_job_line if has_bar else _job_line_or_progress)
+    result = run_sft_job(job, write=_job_line if main_process else _quiet)
     seconds = time.perf_counter() - start
+    if not main_process:
+        return 0
 
     curve = getattr(result, "loss_curve", None) or output_dir / LOSS_CURVE_FILE  # drawn by swiftune-train
     steps = result.losses[-1][0] if result.losses else 0
@@ -39,7 +42,7 @@ def run_training(config: dict) -> int:
     for question, before, after in zip(job.probe_questions, result.answers_before, result.answers_after, strict=True):
         print(f"\nQ: {question}\n  before: {before}\n  after:  {after}")
     print(f"\nloss curve: {curve if Path(curve).is_file() else 'none written'}")
-    print(f"adapter saved to {result.adapter_dir}")
+    print(f"{'model' if job.full_finetuning else 'adapter'} saved to {result.adapter_dir}")
     print(f"next: swiftune export {result.adapter_dir} --out {Path(result.adapter_dir).parent / 'merged'}")
     return 0
 
@@ -50,8 +53,13 @@ def _job_line(line: str) -> None:
         print(line, flush=True)
 
 
-def _job_line_or_progress(line: str) -> None:
-    print(line, file=sys.stderr if line.startswith("step ") else sys.stdout, flush=True)
+def _quiet(line: str) -> None:
+    pass
+
+
+def is_main_process() -> bool:
+    """Whether this process reports: not a torchrun worker (RANK unset), or its rank 0."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
 def _peak_memory_gib() -> float:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from swiftune_data.tokenize import IGNORE_INDEX
 
 ATTENTION_MODES = ("varlen", "block_causal")
+# Fields of vision examples: packing concatenates token ids only, so the images would be dropped or misaligned.
+_IMAGE_FIELDS = ("pixel_values", "images", "image", "image_grid_thw")
 
 
 def pack_sequences(examples: Sequence[dict], max_length: int | None = None) -> list[dict]:
@@ -29,12 +31,19 @@ def pack_sequences(examples: Sequence[dict], max_length: int | None = None) -> l
         One dict per row with ``input_ids``, ``labels``, ``position_ids`` and ``seq_lengths`` (lists).
 
     Raises:
-        ValueError: an example is empty, its labels differ in length from its ids, or it is longer than
-            ``max_length`` (truncate when tokenizing, e.g. ``tokenize_conversations(..., max_length=...)``).
+        ValueError: an example carries images (packing is for text only), is empty, its labels differ in length
+            from its ids, or it is longer than ``max_length`` (truncate when tokenizing, e.g.
+            ``tokenize_conversations(..., max_length=...)``).
     """
     rows: list[dict] = []
     current = _empty_row()
     for index, example in enumerate(examples):
+        image_fields = [name for name in _IMAGE_FIELDS if example.get(name) is not None]
+        if image_fields:
+            raise ValueError(
+                f"Example {index} carries images ({', '.join(image_fields)}), and packing joins token ids only; turn "
+                "packing off for vision models."
+            )
         ids = list(example["input_ids"])
         labels = list(example["labels"]) if example.get("labels") is not None else list(ids)
         if not ids or len(labels) != len(ids):

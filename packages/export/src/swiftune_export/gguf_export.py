@@ -55,7 +55,8 @@ def write_gguf(
     """Write a model folder of a supported architecture as a GGUF file that llama.cpp, Ollama and transformers read.
 
     Supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, cohere, granite (see
-    ``gguf_architectures``), with a byte-level BPE tokenizer.
+    ``gguf_architectures``), with a byte-level BPE tokenizer or a SentencePiece-style BPE with byte fallback (Llama 2,
+    Mistral v0.1, Gemma, Phi-3), written as llama.cpp's "llama" vocabulary with scores and token types.
 
     Args:
         model_dir: a folder with config.json, safetensors weights and tokenizer.json (a merged model, e.g. the

@@ -1,8 +1,9 @@
-"""A byte-level BPE tokenizer (GPT-2, SmolLM, Llama-3, Qwen2 style) written as GGUF ``tokenizer.*`` metadata.
+"""A model's tokenizer written as GGUF ``tokenizer.*`` metadata: byte-level BPE (GPT-2, SmolLM, Llama-3, Qwen2 style)
+here, sentencepiece-style vocabularies (Llama 2, Mistral v0.1, Gemma, Phi-3-mini) in ``gguf_vocab_sentencepiece``.
 
-Read from the model folder's tokenizer.json (the vocabulary, which tokens are special, the pre-tokenizer regex);
-merges, special token ids, add_bos/add_eos and the chat template come from gguf's ``SpecialVocab``, which is
-llama.cpp's own reading of tokenizer.json, tokenizer_config.json and chat_template.jinja.
+The byte-level BPE vocabulary is read from the model folder's tokenizer.json (the vocabulary, which tokens are
+special, the pre-tokenizer regex); merges, special token ids, add_bos/add_eos and the chat template come from gguf's
+``SpecialVocab``, which is llama.cpp's own reading of tokenizer.json, tokenizer_config.json and chat_template.jinja.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 from pathlib import Path
 
 import gguf
+
+from swiftune_export.gguf_vocab_sentencepiece import add_sentencepiece_vocab, is_sentencepiece_style
 
 # llama.cpp names the pre-tokenizer (the regex that splits text before BPE) rather than storing it. These are
 # the regexes of the families supported here; a Split regex not listed has no name llama.cpp would apply.
@@ -31,7 +34,7 @@ def load_tokenizer_json(model_dir: Path) -> dict:
 
     Raises:
         FileNotFoundError: no tokenizer.json (GGUF needs the vocabulary inside the file).
-        ValueError: not a byte-level BPE tokenizer.
+        ValueError: neither a byte-level BPE nor a sentencepiece-style tokenizer.
     """
     path = model_dir / "tokenizer.json"
     if not path.is_file():
@@ -41,15 +44,13 @@ def load_tokenizer_json(model_dir: Path) -> dict:
         )
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model") or {}
-    if (
-        model.get("type") != "BPE"
-        or model.get("byte_fallback")
-        or (data.get("decoder") or {}).get("type") != "ByteLevel"
-    ):
+    if is_sentencepiece_style(data):
+        return data
+    if model.get("type") != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
         raise ValueError(
-            "GGUF export here supports byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2 style); this tokenizer.json "
-            f"is {model.get('type')} with a {(data.get('decoder') or {}).get('type')} decoder. Use llama.cpp's "
-            "convert_hf_to_gguf.py on the merged folder for sentencepiece tokenizers."
+            "GGUF export here supports byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2 style) and sentencepiece-style "
+            f"BPE with byte fallback (Llama 2, Mistral, Gemma); this tokenizer.json is {model.get('type')} with a "
+            f"{(data.get('decoder') or {}).get('type')} decoder. Convert it with llama.cpp's convert_hf_to_gguf.py."
         )
     return data
 
@@ -115,6 +116,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
     """Write the ``tokenizer.ggml.*`` keys and the chat template of the tokenizer in ``model_dir``; return the
     token list."""
     data = load_tokenizer_json(model_dir)
+    if is_sentencepiece_style(data):
+        return add_sentencepiece_vocab(writer, model_dir, data, vocab_size)
     tokens, types = token_list(data, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer_name(data))

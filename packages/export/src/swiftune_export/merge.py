@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -45,7 +45,9 @@ def load_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         )
     config = json.loads(config_path.read_text())
     check_lora_config(config)
-    return config, load_file(str(weights_path))
+    from swiftune_export.safetensors_files import check_complete  # a cut-off file: a message naming it and the fix
+
+    return config, load_file(str(check_complete(weights_path)))
 
 
 def check_lora_config(config: dict) -> None:
@@ -93,7 +95,10 @@ def _group_adapter(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str
 
 
 def merged_tensors(
-    base: Iterable[tuple[str, torch.Tensor]], config: dict, adapter: dict[str, torch.Tensor]
+    base: Iterable[tuple[str, torch.Tensor]],
+    config: dict,
+    adapter: dict[str, torch.Tensor],
+    loaded_name: Callable[[str], str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the base model's tensors with the LoRA adapter merged in, one tensor at a time.
 
@@ -101,6 +106,9 @@ def merged_tensors(
         base: (name, tensor) of the base model in checkpoint naming (4-bit weights already dequantized).
         config: the adapter's config (adapter_config.json as a dict).
         adapter: the adapter's tensors in peft's saved naming (``base_model.model.<module>.lora_A.weight``).
+        loaded_name: maps a base tensor name to the loaded model's name, which the adapter uses (transformers 5
+            renames vision-language checkpoints on load); None when both namings are the same. The tensors keep
+            their base names.
 
     Raises:
         ValueError: the adapter does not fit the base model (checked as the stream ends).
@@ -108,16 +116,25 @@ def merged_tensors(
     pairs, full = _group_adapter(adapter)
     remaining = set(pairs)
     for name, tensor in base:
-        module = name.removesuffix(".weight")
-        if name in full:
-            tensor = full.pop(name).to(tensor.dtype)
-        elif name.endswith(".weight") and module in pairs:
+        key = _adapter_key(name, pairs, full, loaded_name)
+        module = key.removesuffix(".weight")
+        if key in full:
+            tensor = full.pop(key).to(tensor.dtype)
+        elif key.endswith(".weight") and module in pairs:
             tensor = _merged(tensor, pairs[module], lora_scale(config, module), name)
             remaining.discard(module)
         yield name, tensor
     missing = sorted(remaining) + sorted(full)
     if missing:
         raise ValueError(f"The adapter has weights for modules the base model lacks: {missing[:5]}.")
+
+
+def _adapter_key(name: str, pairs: dict, full: dict, loaded_name: Callable[[str], str] | None) -> str:
+    """The name of base tensor ``name`` in the adapter's naming: its own when the adapter uses it, else the loaded
+    model's (an adapter saved from a model whose weights were renamed on load)."""
+    if loaded_name is None or name in full or name.removesuffix(".weight") in pairs:
+        return name
+    return loaded_name(name)
 
 
 def _merged(weight: torch.Tensor, pair: dict[str, torch.Tensor], scale: float, name: str) -> torch.Tensor:

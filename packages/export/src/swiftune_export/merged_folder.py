@@ -34,7 +34,10 @@ def write_merged(source: MergeSource, target: Path, four_bit: bool = False, max_
         ValueError: the adapter does not fit the base model.
     """
     base = DequantizedTensors(source.tensors())
-    stream = merged_tensors(base, source.adapter_config, source.adapter) if source.adapter is not None else iter(base)
+    stream = iter(base)
+    if source.adapter is not None:
+        stream = merged_tensors(base, source.adapter_config, source.adapter, source.loaded_name)
+    saved_name = source.saved_name or (lambda name: name)
     writer = ShardedWriter(target, max_shard_bytes)
     dtypes: dict[torch.dtype, int] = {}
     for name, tensor in stream:
@@ -42,11 +45,11 @@ def write_merged(source: MergeSource, target: Path, four_bit: bool = False, max_
             dtypes[tensor.dtype] = dtypes.get(tensor.dtype, 0) + tensor.numel()
         if four_bit and tensor.ndim == 2 and tensor.is_floating_point() and _is_linear(name, source, base):
             for part_name, part in quantize_nf4(
-                name, tensor, base.double_quant or not base.quantized, base.quant_type or "nf4"
+                saved_name(name), tensor, base.double_quant or not base.quantized, base.quant_type or "nf4"
             ):
                 writer.add(part_name, part.to("cpu"))
         else:
-            writer.add(name, tensor.detach().to("cpu"))
+            writer.add(saved_name(name), tensor.detach().to("cpu"))
     writer.close()
     source.write_side_files(target)
     config = json.loads((target / "config.json").read_text())

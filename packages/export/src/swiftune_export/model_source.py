@@ -3,7 +3,9 @@
 Both give the same thing, a :class:`MergeSource`: the base model's tensors in checkpoint naming (a stream, read one
 tensor at a time from a folder), the LoRA adapter when there is one, and how to write config.json and the files that
 go beside the weights. Model objects are read through their own methods (``state_dict``, ``config``,
-``peft_config``, ``save_pretrained``), so this module imports neither transformers nor peft.
+``peft_config``, ``save_pretrained``), so this module imports neither transformers nor peft; where transformers
+renames weights between checkpoint and loaded model (vision-language models), :mod:`swiftune_export.checkpoint_names`
+translates with transformers' own mapping.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from swiftune_export.checkpoint_names import checkpoint_name_function, loaded_name_function
 from swiftune_export.merge import _TOKENIZER_FILES, check_lora_config, load_adapter
 from swiftune_export.safetensors_files import header_bytes, iter_tensors, weight_files
 
@@ -34,6 +38,10 @@ class MergeSource:
         linear_weights: names of the weights of linear layers that 4-bit export quantizes; None when only the
             checkpoint's names are known (``nf4.is_linear_weight_name`` decides then).
         output_bytes: the expected size of 16-bit merged weights, for the free-space check.
+        loaded_name: maps a base tensor name to the name the adapter knows it by, when the adapter was saved from a
+            model that transformers renamed on load (vision-language models); None when the names are the same.
+        saved_name: maps a tensor name to the one written in the output, the checkpoint naming transformers'
+            ``save_pretrained`` uses; None to write the names as they are.
     """
 
     tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]]
@@ -43,6 +51,8 @@ class MergeSource:
     adapter: dict[str, torch.Tensor] | None = None
     linear_weights: set[str] | None = None
     output_bytes: int | None = None
+    loaded_name: Callable[[str], str] | None = None
+    saved_name: Callable[[str], str] | None = None
 
 
 def is_model_object(model) -> bool:
@@ -110,7 +120,32 @@ def folder_source(path: str | os.PathLike, base_dir: str | os.PathLike | None = 
             if (tokenizer_dir / name).is_file():
                 shutil.copy2(tokenizer_dir / name, target / name)
 
-    return MergeSource(lambda: iter_tensors(files), config, write_side_files, adapter_config, adapter, None, size)
+    loaded_name = None if adapter is None else _adapter_naming(config, files, adapter)
+    return MergeSource(
+        lambda: iter_tensors(files), config, write_side_files, adapter_config, adapter, None, size, loaded_name
+    )
+
+
+def _adapter_naming(config: dict, files: list[Path], adapter: dict[str, torch.Tensor]) -> Callable[[str], str] | None:
+    """How the base checkpoint's names map to the adapter's: None when the adapter uses the checkpoint's own names,
+    else transformers' load-time renaming (read from the safetensors headers, without loading any tensor)."""
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            names.update(handle.keys())
+    wanted = {_adapter_weight_name(key) for key in adapter}
+    if wanted <= names:
+        return None
+    return loaded_name_function(config)
+
+
+def _adapter_weight_name(key: str) -> str:
+    """The base weight of an adapter tensor: ``base_model.model.<module>.lora_A.weight`` -> ``<module>.weight``."""
+    key = key.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+    for part in (".lora_A.", ".lora_B."):
+        if part in key:
+            return key.split(part)[0] + ".weight"
+    return key
 
 
 def object_source(model) -> MergeSource:
@@ -149,7 +184,14 @@ def object_source(model) -> MergeSource:
             generation.save_pretrained(str(target))
 
     return MergeSource(
-        lambda: _base_tensors(base, name), config, write_side_files, adapter_config, adapter, linear, size
+        lambda: _base_tensors(base, name),
+        config,
+        write_side_files,
+        adapter_config,
+        adapter,
+        linear,
+        size,
+        saved_name=checkpoint_name_function(base),
     )
 
 

@@ -40,16 +40,49 @@ def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / INDEX_NAME
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / name for name in names]
+        return [check_complete(model_dir / name) for name in names]
     single = model_dir / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [check_complete(single)]
     if any(model_dir.glob("*.bin")):
         raise FileNotFoundError(
             f"'{model_dir}' has only pickle .bin weights, which swiftune does not read because unpickling runs code; "
             "convert them to safetensors first."
         )
     raise FileNotFoundError(f"No safetensors weights in '{model_dir}'.")
+
+
+def check_complete(path: Path) -> Path:
+    """Return ``path`` when its header parses and its size is what the header says; a clear ValueError otherwise.
+
+    A file cut short (an interrupted copy or download) would otherwise fail deep inside the safetensors reader
+    with a message that names neither the file nor the fix.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the header is unreadable or the file is shorter or longer than its header says.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file '{path}' does not exist.")
+    size = path.stat().st_size
+    problem = None
+    with path.open("rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little") if size >= 8 else -1
+        if not 0 < header_size <= size - 8:
+            problem = "its header is missing or cut off"
+        else:
+            try:
+                header = json.loads(handle.read(header_size))
+                end = max((entry["data_offsets"][1] for key, entry in header.items() if key[:2] != "__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                problem = "its header is not valid"
+            else:
+                if 8 + header_size + end != size:
+                    problem = f"it holds {size} bytes where its header describes {8 + header_size + end}"
+    if problem is not None:
+        raise ValueError(f"'{path}' is not a complete safetensors file ({problem}); copy or save the model again.")
+    return path
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

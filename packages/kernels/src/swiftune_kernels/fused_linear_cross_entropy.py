@@ -172,6 +172,22 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None, None
 
 
+def gather_sharded(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The full tensor behind a DTensor (an lm_head weight sharded by FSDP2), or ``tensor`` itself.
+
+    The gather is differentiable: the gradient of the full tensor is averaged over the ranks and each rank keeps
+    its shard (a reduce-scatter), as FSDP does for the gradients of the parameters it shards, so a trained lm_head
+    outside FSDP's own unshard still gets the gradient of the global batch. A frozen one costs one all-gather.
+    """
+    if tensor is None or not torch.distributed.is_available():
+        return tensor
+    from torch.distributed.tensor import DTensor, Partial  # only where a process group can exist
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -189,9 +205,10 @@ def fused_linear_cross_entropy(
 
     Args:
         hidden: (N, H) float32, float16 or bfloat16 hidden states (flatten batch and sequence first).
-        weight: (V, H) lm_head weight, same dtype as ``hidden``; frozen (requires_grad False) gets no gradient.
+        weight: (V, H) lm_head weight, same dtype as ``hidden``; frozen (requires_grad False) gets no gradient. A
+            DTensor sharded by FSDP2 is gathered first (see :func:`gather_sharded`).
         targets: (N,) int64 class indices in [0, V), or ``ignore_index`` for tokens that do not count.
-        bias: Optional (V,) lm_head bias, same dtype as ``hidden``.
+        bias: Optional (V,) lm_head bias, same dtype as ``hidden``; gathered like ``weight`` when sharded.
         ignore_index: Target value whose tokens get zero loss and zero gradient.
         reduction: "mean" (over non-ignored tokens), "sum", or "none" (per-token losses, 0 on ignored tokens).
         logit_scale: Multiply the logits by this first (Cohere, Granite).
@@ -203,6 +220,7 @@ def fused_linear_cross_entropy(
     Returns:
         float32 loss: a scalar, or (N,) for reduction "none".
     """
+    weight, bias = gather_sharded(weight), gather_sharded(bias)
     check_floating("hidden", hidden)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D (tokens, hidden), got shape {tuple(hidden.shape)}; flatten with .view.")

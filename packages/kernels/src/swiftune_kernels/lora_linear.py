@@ -67,6 +67,26 @@ def check_projection(prefix: str, x: torch.Tensor, weight, a: torch.Tensor, b: t
     check_same_device(x=x, **{f"{prefix}w": packed, f"{prefix}a": a, f"{prefix}b": b})
 
 
+def autocast_input(x: torch.Tensor, weights) -> torch.Tensor:
+    """``x`` in the autocast dtype when autocast is on and it is wider, as ``nn.Linear`` would take it.
+
+    The fused projections are autograd Functions, which autocast does not cast: without this, a float32 residual
+    stream (float32 embeddings and norms, as peft's ``prepare_model_for_kbit_training`` leaves them) would run every
+    matmul, and dequantize every 4-bit weight, in float32, and save float32 inputs. Only where every base weight
+    is 4-bit or already in the autocast dtype (a dense float32 weight keeps the float32 input its check asks for).
+    The cast is differentiable: the input's gradient comes back in its own dtype.
+    """
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x
+    target = torch.get_autocast_dtype(device_type)
+    if x.dtype != torch.float32 or target not in (torch.bfloat16, torch.float16):
+        return x
+    if all(_reference.is_quantized(w) or getattr(w, "dtype", None) == target for w in weights):
+        return x.to(target)
+    return x
+
+
 def check_input(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype not in _X_DTYPES:
         raise TypeError(f"x must be a float16, bfloat16, float32 or float64 tensor, got {getattr(x, 'dtype', x)}.")
@@ -146,6 +166,7 @@ def lora_linear(x: torch.Tensor, w, a: torch.Tensor, b: torch.Tensor, s: float) 
         y: (..., out_features) in x's dtype.
     """
     check_input(x)
+    x = autocast_input(x, (w,))
     check_projection("", x, w, a, b, s, x.shape[-1])
     if use_triton(x):
         return LoRALinearFunction.apply(x, a, b, w, float(s))

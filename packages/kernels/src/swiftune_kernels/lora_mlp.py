@@ -28,6 +28,7 @@ from swiftune_kernels.dispatch import use_triton
 from swiftune_kernels.gated_activation import _ACTIVATION_IDS, _activation_and_grad, gated_activation_forward
 from swiftune_kernels.lora_linear import (
     accumulate_dx,
+    autocast_input,
     cast_grad,
     check_input,
     check_projection,
@@ -176,6 +177,7 @@ def lora_mlp(
     if activation not in _ACTIVATION_IDS:
         raise ValueError(f"activation must be one of {tuple(_ACTIVATION_IDS)}, got {activation!r}.")
     check_input(x)
+    x = autocast_input(x, (gate_w, up_w, down_w))
     check_projection("gate_", x, gate_w, gate_a, gate_b, gate_s, x.shape[-1])
     intermediate = gate_b.shape[0]
     check_projection("up_", x, up_w, up_a, up_b, up_s, x.shape[-1])

@@ -24,6 +24,7 @@ import torch
 from swiftune_kernels.dispatch import use_triton
 from swiftune_kernels.lora_linear import (
     accumulate_dx,
+    autocast_input,
     cast_grad,
     check_input,
     check_projection,
@@ -194,6 +195,7 @@ def lora_qkv(
         (q, k, v): (..., q_out), (..., k_out), (..., v_out) in x's dtype.
     """
     check_input(x)
+    x = autocast_input(x, (q_w, k_w, v_w))
     projections = ((q_w, q_a, q_b, q_s), (k_w, k_a, k_b, k_s), (v_w, v_a, v_b, v_s))
     for name, (w, a, b, s) in zip(_NAMES, projections, strict=True):
         check_projection(f"{name}_", x, w, a, b, s, x.shape[-1])

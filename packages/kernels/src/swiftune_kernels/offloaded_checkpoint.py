@@ -386,7 +386,16 @@ class _CheckpointedForward:
         self.parameters = module.parameters
         self.forward = forward
         self.offload = {"auto": None, "offload": True, "recompute": False}[policy]
+        self.checkpoint = True  # False: the layer runs as is and keeps its activations (a memory plan's choice)
         self.preserve_rng_state = preserve_rng_state
+
+    def set_mode(self, mode: str) -> None:
+        """``"none"`` (keep activations), or checkpoint with ``"auto"``, ``"offload"`` or ``"recompute"``."""
+        if mode not in (*POLICIES, "none"):
+            raise ValueError(f"mode must be one of {(*POLICIES, 'none')}, got {mode!r}.")
+        self.checkpoint = mode != "none"
+        if self.checkpoint:
+            self.offload = {"auto": None, "offload": True, "recompute": False}[mode]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -395,7 +404,7 @@ class _CheckpointedForward:
             hidden_states = kwargs.pop("hidden_states")
         else:
             raise TypeError(f"{self.module_name} was called without hidden_states (first positional argument).")
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or not self.checkpoint:
             return self.forward(hidden_states, *args, **kwargs)
         params = [p for p in self.parameters() if p.requires_grad]  # read per call: LoRA may be added later
         if isinstance(hidden_states, torch.Tensor) and (hidden_states.requires_grad or params):
@@ -419,6 +428,20 @@ class OffloadedCheckpointingHandle:
     @property
     def layers(self) -> list[nn.Module]:
         return [module for module, _, _ in self._entries]
+
+    @property
+    def modes(self) -> list[str]:
+        """Each layer's mode now: "none" (not checkpointed), "auto", "offload" or "recompute"."""
+        names = {None: "auto", True: "offload", False: "recompute"}
+        return [names[w.offload] if w.checkpoint else "none" for _, w, _ in self._entries]
+
+    def set_modes(self, modes: list[str]) -> None:
+        """Give each layer, in order, a mode: "none" keeps its activations (no recompute, fastest), "recompute"
+        checkpoints it, "offload" also parks its input in pinned CPU memory, "auto" lets the input size decide."""
+        if len(modes) != len(self._entries):
+            raise ValueError(f"got {len(modes)} modes for {len(self._entries)} layers; give one mode per layer.")
+        for (_, wrapper, _), mode in zip(self._entries, modes, strict=True):
+            wrapper.set_mode(mode)
 
     def revert(self) -> None:
         for module, wrapper, previous in reversed(self._entries):

@@ -4,12 +4,12 @@ Layout is transformers' (batch, heads, seq, head_dim), with any strides whose la
 ``q_proj(x).view(b, s, h, d).transpose(1, 2)`` (physically (batch, seq, heads, head_dim)) is read and written in
 place of its layout, with no copy. Outputs keep the layout of the inputs.
 
-Two kernels, chosen per layout by :data:`CONFIG` (benchmarks/sweep_kernels.py times them). "heads": one program
-owns ``BLOCK_S`` tokens of one sequence and a group of heads of q or of k; it loads (and gathers by position id)
-the cos/sin rows of its tokens once and reuses them for every head of its group; q and k groups share one grid so
-both tensors are rotated by one launch. "tokens": one program owns a few tokens with all their heads of q and k,
-which in transformers' layout are one contiguous run each, and loads their cos/sin rows once. The backward is the
-same kernel with the transposed rotation (for the usual tables, the rotation by -theta).
+Two kernels, chosen per layout by :data:`CONFIG` (benchmarks/sweep_kernels.py times them). "heads" (here): one
+program owns ``BLOCK_S`` tokens of one sequence and a group of heads of q or of k; it loads (and gathers by position
+id) the cos/sin rows of its tokens once and reuses them for every head of its group; q and k groups share one grid so
+both tensors are rotated by one launch. "tokens" (rope_tokens.py): one program owns a few tokens with all their
+heads of q and k, which in transformers' layout are one contiguous run each, and loads their cos/sin rows once. The
+backward is the same kernel with the transposed rotation (for the usual tables, the rotation by -theta).
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from swiftune_kernels.dispatch import check_floating, check_same_device, use_triton
+from swiftune_kernels.dispatch import use_triton
 from swiftune_kernels.reference import rope as _reference
+from swiftune_kernels.rope_checks import check_rope_args
+from swiftune_kernels.rope_tokens import launch_tokens, rope_tables
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -94,61 +96,6 @@ def _rope_heads(
 
 
 @triton.jit
-def _rope_tables(
-    cos_ptr,
-    sin_ptr,
-    pos_ptr,
-    stride_cb,
-    stride_cs,
-    stride_pb,
-    stride_ps,
-    pid_b,
-    offs_s,
-    mask_s,
-    offs_i,
-    mask_i,
-    ROTARY_DIM: tl.constexpr,
-    HALF_TABLE: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    BACKWARD: tl.constexpr,
-):
-    # (cos_a, cos_b, sin_a, sin_b), each (BLOCK_S, BLOCK_HALF) in float32, for the tokens offs_s of batch pid_b
-    if HAS_POS:
-        rows = tl.load(pos_ptr + pid_b.to(tl.int64) * stride_pb + offs_s.to(tl.int64) * stride_ps, mask=mask_s, other=0)
-        rows = rows.to(tl.int64)
-    else:
-        rows = offs_s.to(tl.int64)
-    table = pid_b.to(tl.int64) * stride_cb + rows[:, None] * stride_cs
-    # Table columns of the pair (a, b): a half-width table gives both members the angle of column i.
-    if HALF_TABLE:
-        col_a = offs_i
-        col_b = offs_i
-    elif INTERLEAVED:
-        col_a = 2 * offs_i
-        col_b = col_a + 1
-    else:
-        col_a = offs_i
-        col_b = offs_i + ROTARY_DIM // 2
-    mask = mask_s[:, None] & mask_i[None, :]
-    cos_a = tl.load(cos_ptr + table + col_a[None, :], mask=mask, other=0.0).to(tl.float32)
-    sin_a = tl.load(sin_ptr + table + col_a[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HALF_TABLE:
-        cos_b = cos_a
-        sin_b = sin_a
-    else:
-        cos_b = tl.load(cos_ptr + table + col_b[None, :], mask=mask, other=0.0).to(tl.float32)
-        sin_b = tl.load(sin_ptr + table + col_b[None, :], mask=mask, other=0.0).to(tl.float32)
-    if BACKWARD:
-        # The gradient is the transposed map: [[cos_a, -sin_a], [sin_b, cos_b]]^T, i.e. the forward with the
-        # sines swapped and negated (the rotation by -theta when the two halves of the table agree).
-        neg_sin_b = -sin_b
-        sin_b = -sin_a
-        sin_a = neg_sin_b
-    return cos_a, cos_b, sin_a, sin_b
-
-
-@triton.jit
 def _rope_kernel(
     q_ptr,
     k_ptr,
@@ -177,7 +124,6 @@ def _rope_kernel(
     n_q_heads,
     n_k_heads,
     n_q_groups,
-    n_groups,
     n_s_blocks,
     heads_per_prog,
     HEAD_DIM: tl.constexpr,
@@ -187,20 +133,14 @@ def _rope_kernel(
     HAS_POS: tl.constexpr,
     BACKWARD: tl.constexpr,
     COPY_TAIL: tl.constexpr,
-    GROUPS_FASTEST: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_TAIL: tl.constexpr,
 ):
-    # GROUPS_FASTEST: consecutive programs take the head groups of the same tokens (in transformers' layout, one
-    # token's heads are contiguous), else the token blocks of the same heads (contiguous in the (b, h, s, d) layout).
+    # consecutive programs take the token blocks of the same heads (contiguous in the (b, h, s, d) layout)
     pid = tl.program_id(0)
-    if GROUPS_FASTEST:
-        pid_g = pid % n_groups
-        pid_s = pid // n_groups
-    else:
-        pid_s = pid % n_s_blocks
-        pid_g = pid // n_s_blocks
+    pid_s = pid % n_s_blocks
+    pid_g = pid // n_s_blocks
     pid_b = tl.program_id(1)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < seq_len
@@ -208,7 +148,7 @@ def _rope_kernel(
     mask_i = offs_i < ROTARY_DIM // 2
     offs_t = tl.arange(0, BLOCK_TAIL)
     mask_t = offs_t < HEAD_DIM - ROTARY_DIM
-    cos_a, cos_b, sin_a, sin_b = _rope_tables(
+    cos_a, cos_b, sin_a, sin_b = rope_tables(
         cos_ptr, sin_ptr, pos_ptr, stride_cb, stride_cs, stride_pb, stride_ps, pid_b, offs_s, mask_s, offs_i, mask_i,
         ROTARY_DIM, HALF_TABLE, INTERLEAVED, HAS_POS, BACKWARD,
     )  # fmt: skip
@@ -231,128 +171,6 @@ def _rope_kernel(
         )  # fmt: skip
 
 
-@triton.jit
-def _rope_token_heads(
-    x_ptr,
-    out_ptr,
-    stride_xb,
-    stride_xh,
-    stride_xs,
-    stride_ob,
-    stride_oh,
-    stride_os,
-    pid_b,
-    n_heads,
-    offs_s,
-    mask_s,
-    offs_i,
-    mask_i,
-    offs_t,
-    mask_t,
-    cos_a,
-    cos_b,
-    sin_a,
-    sin_b,
-    ROTARY_DIM: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
-    COPY_TAIL: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    # (tokens, heads, channels) tiles: in transformers' layout one token's heads are one contiguous run
-    if INTERLEAVED:
-        col_a = 2 * offs_i
-        col_b = col_a + 1
-    else:
-        col_a = offs_i
-        col_b = offs_i + ROTARY_DIM // 2
-    cos_a, cos_b, sin_a, sin_b = cos_a[:, None, :], cos_b[:, None, :], sin_a[:, None, :], sin_b[:, None, :]
-    tokens = offs_s.to(tl.int64)[:, None, None]
-    x_tok = x_ptr + pid_b.to(tl.int64) * stride_xb + tokens * stride_xs
-    o_tok = out_ptr + pid_b.to(tl.int64) * stride_ob + tokens * stride_os
-    for h in range(0, n_heads, BLOCK_H):
-        heads = h + tl.arange(0, BLOCK_H)
-        mask_sh = mask_s[:, None, None] & (heads < n_heads)[None, :, None]
-        mask = mask_sh & mask_i[None, None, :]
-        x_h = x_tok + heads.to(tl.int64)[None, :, None] * stride_xh
-        o_h = o_tok + heads.to(tl.int64)[None, :, None] * stride_oh
-        x_a = tl.load(x_h + col_a[None, None, :], mask=mask, other=0.0).to(tl.float32)
-        x_b = tl.load(x_h + col_b[None, None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(o_h + col_a[None, None, :], x_a * cos_a - x_b * sin_a, mask=mask)
-        tl.store(o_h + col_b[None, None, :], x_b * cos_b + x_a * sin_b, mask=mask)
-        if COPY_TAIL:
-            mask_tail = mask_sh & mask_t[None, None, :]
-            tail = tl.load(x_h + ROTARY_DIM + offs_t[None, None, :], mask=mask_tail)
-            tl.store(o_h + ROTARY_DIM + offs_t[None, None, :], tail, mask=mask_tail)
-
-
-@triton.jit
-def _rope_tokens_kernel(
-    q_ptr,
-    k_ptr,
-    q_out_ptr,
-    k_out_ptr,
-    cos_ptr,
-    sin_ptr,
-    pos_ptr,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_qob,
-    stride_qoh,
-    stride_qos,
-    stride_kob,
-    stride_koh,
-    stride_kos,
-    stride_cb,
-    stride_cs,
-    stride_pb,
-    stride_ps,
-    seq_len,
-    n_q_heads,
-    n_k_heads,
-    HEAD_DIM: tl.constexpr,
-    ROTARY_DIM: tl.constexpr,
-    HALF_TABLE: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    BACKWARD: tl.constexpr,
-    COPY_TAIL: tl.constexpr,
-    SPLIT_QK: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-    BLOCK_TAIL: tl.constexpr,
-):
-    # One program: BLOCK_S tokens, all their heads of q and k (SPLIT_QK: of q or of k), the cos/sin rows loaded once.
-    pid_b = tl.program_id(1)
-    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask_s = offs_s < seq_len
-    offs_i = tl.arange(0, BLOCK_HALF)
-    mask_i = offs_i < ROTARY_DIM // 2
-    offs_t = tl.arange(0, BLOCK_TAIL)
-    mask_t = offs_t < HEAD_DIM - ROTARY_DIM
-    cos_a, cos_b, sin_a, sin_b = _rope_tables(
-        cos_ptr, sin_ptr, pos_ptr, stride_cb, stride_cs, stride_pb, stride_ps, pid_b, offs_s, mask_s, offs_i, mask_i,
-        ROTARY_DIM, HALF_TABLE, INTERLEAVED, HAS_POS, BACKWARD,
-    )  # fmt: skip
-    if not SPLIT_QK or tl.program_id(2) == 0:
-        _rope_token_heads(
-            q_ptr, q_out_ptr, stride_qb, stride_qh, stride_qs, stride_qob, stride_qoh, stride_qos, pid_b, n_q_heads,
-            offs_s, mask_s, offs_i, mask_i, offs_t, mask_t, cos_a, cos_b, sin_a, sin_b,
-            ROTARY_DIM, INTERLEAVED, COPY_TAIL, BLOCK_HQ,
-        )  # fmt: skip
-    if not SPLIT_QK or tl.program_id(2) == 1:
-        _rope_token_heads(
-            k_ptr, k_out_ptr, stride_kb, stride_kh, stride_ks, stride_kob, stride_koh, stride_kos, pid_b, n_k_heads,
-            offs_s, mask_s, offs_i, mask_i, offs_t, mask_t, cos_a, cos_b, sin_a, sin_b,
-            ROTARY_DIM, INTERLEAVED, COPY_TAIL, BLOCK_HK,
-        )  # fmt: skip
-
-
 # ~8 programs of 4 warps per SM of an H100 (132 SMs): below that, fewer heads a program
 _MIN_PROGRAMS = 1024
 # Launch shape: elements of one (BLOCK_S, BLOCK_HALF) tile, most heads a program, warps a program. Swept on an H100
@@ -362,17 +180,14 @@ _TILE_ELEMENTS = 1024
 _MAX_HEADS_PER_PROGRAM = 2
 _NUM_WARPS = 4
 # Launch configuration (one line to switch to a sweep's winner, benchmarks/sweep_kernels.py), per layout: "heads"
-# is _rope_kernel (a block of tokens a program, for a group of heads; "groups_fastest": consecutive programs take
-# the head groups of the same tokens, in transformers' layout only), "tokens" is _rope_tokens_kernel (a few tokens
-# a program with all their heads, cos/sin loaded once; "split_qk": q and k in separate programs of the launch).
+# is _rope_kernel (a block of tokens a program, for a group of heads), "tokens" is rope_tokens._rope_tokens_kernel
+# (``tokens_per_program`` tokens a program with all their heads in tiles of at most ``token_tile`` elements).
 CONFIG = {
     "hf_kernel": "tokens",
     "contiguous_kernel": "heads",
-    "groups_fastest": False,
     "tokens_per_program": 1,
     "token_tile": 4096,
     "token_warps": 2,
-    "split_qk": False,
 }
 
 
@@ -426,14 +241,9 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, rotary_dim, interleaved,
         BLOCK_TAIL=block_tail,
     )
     if kernel == "tokens":
-        block_s = min(_next_power_of_2(seq_len), CONFIG["tokens_per_program"])
-        # heads a tile: as many as fit CONFIG["token_tile"] elements of one half of the rotated channels
-        heads_cap = max(1, CONFIG["token_tile"] // (block_s * max(block_half, block_tail)))
-        split = CONFIG["split_qk"]
-        _rope_tokens_kernel[(_cdiv(seq_len, block_s), batch, 2 if split else 1)](
-            *args, **flags, SPLIT_QK=split, BLOCK_S=block_s,
-            BLOCK_HQ=min(_next_power_of_2(n_q_heads), heads_cap),
-            BLOCK_HK=min(_next_power_of_2(n_k_heads), heads_cap), num_warps=CONFIG["token_warps"],
+        launch_tokens(
+            args, flags, seq_len, batch, n_q_heads, n_k_heads,
+            CONFIG["tokens_per_program"], CONFIG["token_tile"], CONFIG["token_warps"],
         )  # fmt: skip
         return
     # ~1024 elements per (BLOCK_S, BLOCK_HALF) tile: the 4 table tiles and 2 heads' data stay in registers
@@ -451,8 +261,8 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, rotary_dim, interleaved,
     n_q_groups = _cdiv(n_q_heads, heads_per_prog)
     n_groups = n_q_groups + _cdiv(n_k_heads, heads_per_prog)
     _rope_kernel[(n_s_blocks * n_groups, batch)](
-        *args, n_q_groups, n_groups, n_s_blocks, heads_per_prog, **flags,
-        GROUPS_FASTEST=bool(CONFIG["groups_fastest"] and heads_inner), BLOCK_S=block_s, num_warps=_NUM_WARPS,
+        *args, n_q_groups, n_s_blocks, heads_per_prog, **flags,
+        BLOCK_S=block_s, num_warps=_NUM_WARPS,
     )  # fmt: skip
 
 
@@ -497,65 +307,6 @@ class RoPEFunction(torch.autograd.Function):
         return dq, dk, None, None, None, None, None, None
 
 
-def _check_args(q, k, cos, sin, position_ids, rotary_dim):
-    """Validate the arguments of :func:`rope`; returns the rotary dim."""
-    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        check_floating(name, t)
-    check_same_device(q=q, k=k, cos=cos, sin=sin, position_ids=position_ids)
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(
-            f"q and k must be 4-D (batch, heads, seq, head_dim), got q {tuple(q.shape)} and k {tuple(k.shape)}; "
-            "transpose a (batch, seq, heads, head_dim) tensor with .transpose(1, 2) first."
-        )
-    batch, _, seq_len, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[2] != seq_len or k.shape[3] != head_dim:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, seq and head_dim (only heads may differ)."
-        )
-    if cos.shape != sin.shape:
-        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape.")
-    width = cos.shape[-1]
-    rotary_dim = width if rotary_dim is None else int(rotary_dim)
-    if rotary_dim % 2 or not 2 <= rotary_dim <= head_dim:
-        raise ValueError(f"rotary_dim must be even and within 2..head_dim={head_dim}, got {rotary_dim}.")
-    if width not in (rotary_dim, rotary_dim // 2):
-        raise ValueError(
-            f"cos/sin have {width} columns; with rotary_dim={rotary_dim} they need {rotary_dim} (full table) or "
-            f"{rotary_dim // 2} (one angle per pair). Pass rotary_dim= to say how many channels rotate."
-        )
-    if cos.dim() == 2:
-        if position_ids is None:
-            if cos.shape[0] < seq_len:
-                raise ValueError(f"cos/sin have {cos.shape[0]} positions but seq is {seq_len}; pass position_ids.")
-        else:
-            if position_ids.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"position_ids must be int32 or int64, got {position_ids.dtype}.")
-            if (
-                position_ids.dim() not in (1, 2)
-                or position_ids.shape[-1] != seq_len
-                or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch))
-            ):
-                raise ValueError(
-                    f"position_ids must have shape ({batch}, {seq_len}), (1, {seq_len}) or ({seq_len},), "
-                    f"got {tuple(position_ids.shape)}."
-                )
-    elif cos.dim() == 3:
-        if position_ids is not None:
-            raise ValueError(
-                "cos/sin of shape (batch, seq, width) are already gathered per token; pass position_ids only "
-                "with a (max_pos, width) table."
-            )
-        if cos.shape[0] not in (1, batch) or cos.shape[1] != seq_len:
-            raise ValueError(
-                f"per-token cos/sin must have shape ({batch} or 1, {seq_len}, {width}), got {tuple(cos.shape)}."
-            )
-    else:
-        raise ValueError(
-            f"cos/sin must be a (max_pos, width) table or per-token (batch, seq, width), got {tuple(cos.shape)}."
-        )
-    return rotary_dim
-
-
 def rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -590,7 +341,7 @@ def rope(
     Returns:
         (q_out, k_out) with the shapes, dtypes and layouts of q and k.
     """
-    rotary_dim = _check_args(q, k, cos, sin, position_ids, rotary_dim)
+    rotary_dim = check_rope_args(q, k, cos, sin, position_ids, rotary_dim)
     interleaved, inplace = bool(interleaved), bool(inplace)
     tracked = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if inplace and tracked and (q._is_view() or k._is_view()):

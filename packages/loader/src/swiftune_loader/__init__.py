@@ -6,7 +6,7 @@ from swiftune_loader.default_model import DEFAULT_MODEL_NAME, convert_gguf_to_hf
 from swiftune_loader.fast_language_model import FastLanguageModel
 from swiftune_loader.generation import chat_reply
 from swiftune_loader.model_names import resolve_model_name
-from swiftune_loader.model_path import resolve_model_path
+from swiftune_loader.model_path import check_weight_safety, resolve_model_path
 from swiftune_loader.vision import FastVisionModel
 
 try:
@@ -20,6 +20,7 @@ __all__ = [
     "FastVisionModel",
     "__version__",
     "chat_reply",
+    "check_weight_safety",
     "convert_gguf_to_hf",
     "default_model_path",
     "resolve_model_name",

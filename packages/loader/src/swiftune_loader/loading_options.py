@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from swiftune_loader.checkpointing import is_memory_aware
+
 logger = logging.getLogger(__name__)
 
 # What use_gradient_checkpointing accepts: off, transformers' checkpointing, or swiftune's offloaded checkpointing.
@@ -46,11 +48,13 @@ def check_loading_options(
 
 
 def check_gradient_checkpointing(value) -> None:
-    """Accept True, False or "offload"; anything else is a ValueError listing them."""
-    if not (value is True or value is False or (isinstance(value, str) and value == "offload")):
+    """Accept True, False, "offload", "auto" or a memory budget in GiB; anything else is a ValueError listing them."""
+    if not (value is True or value is False or value == "offload" or is_memory_aware(value)):
         raise ValueError(
-            f"use_gradient_checkpointing must be True, False or 'offload', got {value!r}: True recomputes each decoder "
-            "layer in backward, 'offload' also parks its input in CPU memory, False keeps every activation."
+            f"use_gradient_checkpointing must be True, False, 'offload', 'auto' or a GiB budget, got {value!r}: True "
+            "recomputes each decoder layer in backward, 'offload' also parks its input in CPU memory, 'auto' (or a "
+            "number of GiB) checkpoints only as many layers as the free GPU memory requires, False keeps every "
+            "activation."
         )
 
 

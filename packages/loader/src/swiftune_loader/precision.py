@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -24,7 +26,11 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 def resolve_device_map(device_map):
-    """The device map: the given one, else the first GPU when there is one, else the CPU."""
+    """The device map: the given one, else this process's GPU when there is one, else the CPU.
+
+    Under torchrun each process owns the GPU numbered by LOCAL_RANK; a 4-bit model cannot be moved after loading,
+    so it must be loaded there.
+    """
     if device_map is not None:
         return device_map
-    return {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else {"": "cpu"}

@@ -12,7 +12,14 @@ from swiftune_train.arguments import (
     default_optimizer,
     sft_config,
 )
-from swiftune_train.callbacks import LossCurveCallback, NanGuardCallback, ThroughputCallback, plot_loss_curve
+from swiftune_train.callbacks import (
+    InterruptCallback,
+    LossCurveCallback,
+    NanGuardCallback,
+    ThroughputCallback,
+    plot_loss_curve,
+)
+from swiftune_train.distributed import fsdp2_wrap, is_main_process, save_sharded_adapter
 from swiftune_train.dpo import DPOTrainer
 from swiftune_train.grpo import GRPOTrainer
 from swiftune_train.kto import KTOTrainer
@@ -50,6 +57,10 @@ __all__ = [
     "chunked_token_logprobs",
     "install_chunked_lm_head",
     "GRPOConfig",
+    "InterruptCallback",
+    "fsdp2_wrap",
+    "is_main_process",
+    "save_sharded_adapter",
     "KTOConfig",
     "LossCurveCallback",
     "NanGuardCallback",

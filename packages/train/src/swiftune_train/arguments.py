@@ -69,6 +69,13 @@ class SwiftuneArguments:
         metadata={"help": "Optimizer name; 'auto' picks 8-bit AdamW on a GPU with bitsandbytes, else torch AdamW."},
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every this many optimizer steps."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP searches the graph for parameters without gradients each step when True; LoRA trains every "
+            "adapter in every step, so the search only costs time (transformers turns it on for peft models)."
+        },
+    )
     logging_nan_inf_filter: bool = field(
         default=False, metadata={"help": "Replace a NaN/inf loss by the running mean in the logs (hides failures)."}
     )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
-from swiftune_train.callbacks import LossCurveCallback, NanGuardCallback, ThroughputCallback
+from swiftune_train.callbacks import InterruptCallback, LossCurveCallback, NanGuardCallback, ThroughputCallback
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +22,9 @@ class SwiftuneTrainerMixin:
     - ``args.embedding_learning_rate`` (see :class:`swiftune_train.SwiftuneArguments`) gives the trained input
       embeddings and lm_head their own optimizer group, with that learning rate (following the same schedule) and
       no weight decay.
-    - The default callbacks :class:`NanGuardCallback`, :class:`ThroughputCallback` and :class:`LossCurveCallback` are
-      added unless the caller passed one of the same type (``default_callbacks=False`` adds none).
+    - The default callbacks :class:`NanGuardCallback`, :class:`ThroughputCallback`, :class:`LossCurveCallback` and
+      :class:`InterruptCallback` (Ctrl-C saves a checkpoint and stops) are added unless the caller passed one of
+      the same type (``default_callbacks=False`` adds none).
     - Each training batch is counted for the tokens/s log, and the throughput values are added to every training log
       before any reporter sees it.
 
@@ -34,13 +36,23 @@ class SwiftuneTrainerMixin:
     def __init__(self, *args, default_callbacks: bool = True, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        check_learning_rates(training_args)
         defer_checkpointing_to_model(model, training_args)
         super().__init__(*args, **kwargs)
         if default_callbacks:
             present = {type(callback) for callback in self.callback_handler.callbacks}
-            for callback_type in (NanGuardCallback, ThroughputCallback, LossCurveCallback):
+            for callback_type in (NanGuardCallback, ThroughputCallback, LossCurveCallback, InterruptCallback):
                 if not any(issubclass(kind, callback_type) for kind in present):
                     self.add_callback(callback_type())
+
+    def train(self, *args, **kwargs):
+        """Train as the base trainer does; a failed run still gives SIGINT back to the handler it had before."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, InterruptCallback):
+                    callback.restore()
 
     def _throughput_callbacks(self):
         return [c for c in self.callback_handler.callbacks if isinstance(c, ThroughputCallback)]
@@ -73,6 +85,23 @@ class SwiftuneTrainerMixin:
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
         split_embedding_group(optimizer, embedding_parameters(model), learning_rate)
         return optimizer
+
+
+def check_learning_rates(training_args) -> None:
+    """Refuse a learning rate that is NaN, infinite or not positive before the model is touched.
+
+    A NaN learning rate turns every weight into NaN at the first step (and no loss check sees it until the step
+    after); refusing it here costs nothing and names the setting.
+
+    Raises:
+        ValueError: naming the argument and its value.
+    """
+    if training_args is None:
+        return
+    for name in ("learning_rate", "embedding_learning_rate"):
+        value = getattr(training_args, name, None)
+        if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {value}; set it to e.g. 2e-4.")
 
 
 def defer_checkpointing_to_model(model, training_args) -> bool:

@@ -46,7 +46,7 @@ def attention_forward(
         key,
         value,
         attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
+        dropout=_dropout(self),
         scaling=self.scaling,
         sliding_window=_sliding_window(self),
         **_softcap(self),
@@ -79,6 +79,17 @@ def _project(linear, x: torch.Tensor) -> torch.Tensor:
 def _flat(parts) -> list:
     """(W, A, B, s) of each projection, one after the other, as the fused LoRA functions take them."""
     return [item for p in parts for item in (p.weight, p.a, p.b, p.scale)]
+
+
+def _dropout(attention) -> float:
+    """The attention dropout probability while training (0 in eval): Llama-family modules call it
+    ``attention_dropout``, Llama 3.2 Vision's self-attention ``dropout`` (a float there, not a module)."""
+    if not attention.training:
+        return 0.0
+    if hasattr(attention, "attention_dropout"):
+        return attention.attention_dropout
+    probability = getattr(attention, "dropout", 0.0)
+    return float(probability) if isinstance(probability, int | float) else 0.0
 
 
 def _sliding_window(attention) -> int | None:

@@ -47,9 +47,9 @@ _PROJECTOR_NAMES = ("model.multi_modal_projector", "model.visual.merger", "model
 
 # Language models whose modules carry their own class names: Qwen2-VL's and Qwen2.5-VL's are Qwen2 layers with
 # M-RoPE (the rotary module hands each attention one cos/sin per position, as Llama's does), Llama 3.2 Vision's
-# self-attention layers are Llama layers. Mllama's attention keeps transformers' code: its modules name the dropout
-# ``dropout`` where the fast attention reads ``attention_dropout``; its norms and MLPs (also in the cross-attention
-# layers) take the fast path.
+# self-attention layers are Llama layers (the fast attention reads their dropout, named ``dropout`` there); its
+# cross-attention layers (``MllamaTextCrossAttention``: keys and values from the image, no RoPE) keep transformers'
+# attention, while their norms and MLPs take the fast path.
 VISION_TEXT_SPECS: dict[str, ArchitectureSpec] = {
     spec.model_type: spec
     for spec in (
@@ -76,7 +76,7 @@ VISION_TEXT_SPECS: dict[str, ArchitectureSpec] = {
             norm_class_names=("MllamaTextRMSNorm",),
             norm_offset=0.0,
             norm_casting="llama",
-            attention_class_names=(),
+            attention_class_names=("MllamaTextSelfAttention",),
             mlp_class_names=("MllamaTextMLP",),
             activation="silu",
         ),

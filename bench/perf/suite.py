@@ -1,0 +1,175 @@
+"""Run a named batch of bench/perf measurements, each system in its own process, and print the table last.
+
+    python bench/perf/suite.py call1|call2|call3|curve|ctx [--profile] [--smoke] [--shapes-extra]
+
+call1: 1B LoRA (bf16), batch 8 x 2048: transformers + peft (fp32 and bf16 adapters), + Liger (bf16 adapters),
+       unsloth, swiftune (default checkpointing) and swiftune "auto".
+call2: 8B QLoRA (NF4), batch 2 x 2048: transformers + peft, + Liger, swiftune, swiftune "auto".
+call3: 8B QLoRA unsloth; 8B LoRA (bf16), batch 2 x 2048: + Liger (bf16 adapters), swiftune, swiftune "auto".
+curve: 30 steps of 1B LoRA (batch 4 x 2048, a new seeded batch each step), swiftune vs transformers + peft
+       (bf16 adapters): both loss curves, their largest gap, loss_curve.png (matplotlib).
+ctx:   swiftune 8B QLoRA, batch 1: the longest sequence that trains (409,600 first, then up or down), 512k max.
+--smoke runs each call's logic on the CPU with a tiny shape (Liger / unsloth skipped with the reason when absent).
+Results: RESULT json lines on stdout, and $OUT/<call>.jsonl (default /tmp/out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
+    """Each call: the processes it runs, in order (keyword arguments of train_one.py, and a time limit)."""
+    one_b = dict(shape="1b", quant="bf16", points="8x2048", warmup=5, steps=10, limit=150)
+    eight_q = dict(shape="8b", quant="nf4", points="2x2048", warmup=3, steps=6, limit=170)
+    eight = dict(shape="8b", quant="bf16", points="2x2048", warmup=3, steps=6, limit=150)
+    table = {
+        "call1": [
+            {**one_b, "system": s, **({"limit": 260} if s == "unsloth" else {})}
+            for s in ("peft", "peft-bf16", "liger-bf16", "unsloth", "swiftune", "swiftune-auto")
+        ],
+        "call2": [{**eight_q, "system": s} for s in ("swiftune", "swiftune-auto", "peft", "liger")],
+        "call3": [{**eight_q, "system": "unsloth", "limit": 280}]
+        + [{**eight, "system": s} for s in ("liger-bf16", "swiftune", "swiftune-auto")],
+        "curve": [
+            dict(shape="1b", quant="bf16", points="4x2048", curve=30, system=s, limit=200)
+            for s in ("peft-bf16", "swiftune")
+        ],
+        "ctx": [
+            dict(
+                shape="8b",
+                quant="nf4",
+                points="",
+                system="swiftune",
+                max_positions=524288,
+                limit=540,
+                ctx="409600,524288",
+                ctx_down="262144,327680,368640",
+                time_limit=520,
+            )
+        ],
+    }
+    if extra_shapes:
+        table["call4"] = [
+            dict(shape=shape, quant="nf4", points="2x2048", warmup=3, steps=6, system=s, limit=170)
+            for shape in ("qwen7b", "gemma9b")
+            for s in ("peft", "swiftune")
+        ]
+    if smoke:
+        for runs in table.values():
+            for run in runs:
+                run.update(shape="tiny", warmup=1, steps=2, limit=900)
+                if run.get("points"):
+                    run["points"] = "2x64"
+                if run.get("curve"):
+                    run.update(curve=3, points="2x64")
+                if run.get("ctx"):
+                    run.update(ctx="256,512", ctx_down="128", max_positions=4096, time_limit=900)
+    return table
+
+
+def command(run: dict, profile: bool) -> list[str]:
+    args = [sys.executable, str(HERE / "train_one.py"), "--system", run["system"], "--shape", run["shape"]]
+    args += ["--quant", run["quant"], "--points", run["points"]]
+    for key in ("warmup", "steps", "curve", "ctx", "ctx_down", "time_limit", "max_positions"):
+        if key in run:
+            args += [f"--{key.replace('_', '-')}", str(run[key])]
+    if profile and run["system"] == "swiftune" and run.get("points"):
+        args.append("--profile")
+    return args
+
+
+def matmul_peak_tflops() -> float | None:
+    """The measured bf16 matmul ceiling (8192^3, median of 20 after warm-up), the denominator of the MFU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return round(2 * 8192**3 / times[len(times) // 2] / 1e12, 1)
+
+
+def run_call(name: str, runs: list[dict], profile: bool, out_dir: Path) -> list[dict]:
+    results = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    for run in runs:
+        label = f"{run['system']} {run['shape']} {run['quant']} {run.get('points') or 'ctx'}"
+        print(f"[{time.strftime('%H:%M:%S')}] {label}", flush=True)
+        start = time.time()
+        run_env = dict(env)
+        unsloth_site = os.environ.get("SWIFTUNE_BENCH_UNSLOTH_SITE")
+        if run["system"] == "unsloth" and unsloth_site:
+            # unsloth's pinned needs (trl, datasets, ...) go on this process's path only.
+            run_env["PYTHONPATH"] = unsloth_site + os.pathsep + env.get("PYTHONPATH", "")
+        try:
+            proc = subprocess.run(
+                command(run, profile), env=run_env, capture_output=True, text=True, timeout=run["limit"], check=False
+            )
+            output = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as expired:
+            output = (expired.stdout or b"").decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+            timed_out = {
+                "system": run["system"],
+                "shape": run["shape"],
+                "quant": run["quant"],
+                "timeout_s": run["limit"],
+            }
+            output += f"\nRESULT {json.dumps(timed_out)}"
+        lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+        for line in lines:
+            results.append(json.loads(line[len("RESULT ") :]))
+            print(line, flush=True)
+        for line in output.splitlines():
+            if line.startswith(("note:", "built", "top kernels")) or "Self CUDA" in line or line.startswith(" "):
+                if profile or not line.startswith(" "):
+                    print("   " + line)
+        if not lines:
+            print("   no RESULT; last output:\n" + "\n".join(output.splitlines()[-15:]))
+        print(f"   ({time.time() - start:.0f}s)", flush=True)
+    with open(out_dir / f"{name}.jsonl", "w") as f:
+        for result in results:
+            f.write(json.dumps(result) + "\n")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("call", choices=("call1", "call2", "call3", "call4", "curve", "ctx"))
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, every call's logic")
+    parser.add_argument("--profile", action="store_true", help="top-15 CUDA kernels of the swiftune runs")
+    parser.add_argument("--shapes-extra", action="store_true", help="call4: Qwen2.5-7B and Gemma-2-9B shapes")
+    args = parser.parse_args()
+    out_dir = Path(os.environ.get("OUT", "/tmp/out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = calls(args.smoke, args.shapes_extra or args.call == "call4")
+    peak = matmul_peak_tflops()
+    if peak:
+        print(f"RESULT {json.dumps({'matmul_peak_tflops': peak})}", flush=True)
+    results = run_call(args.call, table[args.call], args.profile, out_dir)
+    from summarize import print_summary
+
+    print_summary(results, peak, out_dir)
+
+
+if __name__ == "__main__":
+    main()
