@@ -97,9 +97,9 @@ def test_quantized_loading_without_a_working_bitsandbytes_is_a_clear_error(monke
         FastLanguageModel.from_pretrained(tiny_model_dir, **{option: True})
 
 
-@pytest.mark.parametrize("value", ["yes", "unsloth", 1, None])
+@pytest.mark.parametrize("value", ["yes", "unsloth", 0, -1.5, None])
 def test_invalid_gradient_checkpointing_is_refused(tiny_model_dir, value):
-    with pytest.raises(ValueError, match="use_gradient_checkpointing must be True, False or 'offload'"):
+    with pytest.raises(ValueError, match="use_gradient_checkpointing must be True, False, 'offload', 'auto' or a GiB"):
         FastLanguageModel.from_pretrained(tiny_model_dir, use_gradient_checkpointing=value)
 
 

@@ -182,12 +182,14 @@ _NUM_WARPS = 4
 # Launch configuration (one line to switch to a sweep's winner, benchmarks/sweep_kernels.py), per layout: "heads"
 # is _rope_kernel (a block of tokens a program, for a group of heads), "tokens" is rope_tokens._rope_tokens_kernel
 # (``tokens_per_program`` tokens a program with all their heads in tiles of at most ``token_tile`` elements).
+# 2026-11-24 H100, transformers' layout, CUDA graphs in fresh processes: tokens with 1 warp 0.127 ms, 2 warps 0.131,
+# heads 0.129, 2 tokens x 4 warps 0.139 (Liger 0.122): docs/benchmarks/rope-configs-2026-11-24-h100.log.
 CONFIG = {
     "hf_kernel": "tokens",
     "contiguous_kernel": "heads",
     "tokens_per_program": 1,
     "token_tile": 4096,
-    "token_warps": 2,
+    "token_warps": 1,
 }
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swiftune_data import get_chat_template, load_conversations, tokenize_conversations
-from swiftune_loader import FastLanguageModel, chat_reply
+from swiftune_loader import FastLanguageModel, chat_reply, resolve_model_path
 from swiftune_tokenizers_fix import fix_tokenizer
 from swiftune_train.arguments import sft_config
 from swiftune_train.callbacks import InterruptCallback, LossCurveCallback
@@ -188,6 +188,8 @@ def run_sft_job(job: SFTJob, write=print) -> SFTResult:
     if job.packing:
         refuse_packing_for_vision(job.model)
     checkpoint = resolve_checkpoint(job.resume_from_checkpoint, output_dir)
+    if job.model is not None:
+        resolve_model_path(job.model, load_in_4bit=job.load_in_4bit)  # a wrong model fails before the data loads
     dataset_path = job.dataset if job.dataset is not None else bundled_dataset_path("train")
     conversations = load_conversations(dataset_path)
     model, tokenizer = FastLanguageModel.from_pretrained(
