@@ -54,6 +54,15 @@ SHAPES = {
         num_key_value_heads=8,
         vocab_size=128256,
     ),  # fmt: skip
+    # Llama-3-70B widths with 100 layers (~88B parameters, ~163 GiB of bf16 weights): more than one H200 holds.
+    "88b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=100,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),  # fmt: skip
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,

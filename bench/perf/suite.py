@@ -8,6 +8,8 @@ call2: 8B QLoRA (NF4), batch 2 x 2048: transformers + peft, + Liger, swiftune, s
 call3: 8B QLoRA unsloth; 8B LoRA (bf16), batch 2 x 2048: + Liger (bf16 adapters), swiftune, swiftune "auto".
 curve: 30 steps of 1B LoRA (batch 4 x 2048, a new seeded batch each step), swiftune vs transformers + peft
        (bf16 adapters): both loss curves, their largest gap, loss_curve.png (matplotlib).
+call5: 8B QLoRA, swiftune "auto" at batch 4 and 8 x 2048, and swiftune's default (with --profile: its top kernels).
+call6: 8B QLoRA, unsloth at batch 4 x 2048.
 ctx:   swiftune 8B QLoRA, batch 1: the longest sequence that trains (409,600 first, then up or down), 512k max.
 --smoke runs each call's logic on the CPU with a tiny shape (Liger / unsloth skipped with the reason when absent).
 Results: RESULT json lines on stdout, and $OUT/<call>.jsonl (default /tmp/out).
@@ -39,6 +41,13 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
         "call2": [{**eight_q, "system": s} for s in ("swiftune", "swiftune-auto", "peft", "liger")],
         "call3": [{**eight_q, "system": "unsloth", "limit": 280}]
         + [{**eight, "system": s} for s in ("liger-bf16", "swiftune", "swiftune-auto")],
+        # The memory-aware mode given the whole GPU: larger batches of 8B QLoRA; --profile adds the swiftune
+        # default's top kernels. call6: unsloth at the same larger batch, for the same-batch ratio.
+        "call5": [
+            {**eight_q, "system": "swiftune-auto", "points": "4x2048,8x2048", "limit": 260},
+            {**eight_q, "system": "swiftune"},
+        ],
+        "call6": [{**eight_q, "system": "unsloth", "points": "4x2048", "limit": 300}],
         "curve": [
             dict(shape="1b", quant="bf16", points="4x2048", curve=30, system=s, limit=200)
             for s in ("peft-bf16", "swiftune")
@@ -154,7 +163,7 @@ def run_call(name: str, runs: list[dict], profile: bool, out_dir: Path) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("call", choices=("call1", "call2", "call3", "call4", "curve", "ctx"))
+    parser.add_argument("call", choices=("call1", "call2", "call3", "call4", "call5", "call6", "curve", "ctx"))
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, every call's logic")
     parser.add_argument("--profile", action="store_true", help="top-15 CUDA kernels of the swiftune runs")
     parser.add_argument("--shapes-extra", action="store_true", help="call4: Qwen2.5-7B and Gemma-2-9B shapes")
