@@ -3,7 +3,8 @@
 This file is also the worker program:
 ``torchrun --nproc-per-node 2 test_distributed_resume.py MODEL_DIR ROOT JOB[=CHECKPOINT] ...`` trains one run per JOB
 in ROOT/JOB (resuming from CHECKPOINT when given) and writes, from every rank, ROOT/JOB.rank<R>.json: the loss logged
-at each step, the rows the rank trained on at each step, and the files the rank opened for writing under ROOT/JOB.
+and the rows the rank trained on at each step. Each rank creates files with its own umask (rank 0: 0o022, rank 1:
+0o027), so the permission bits of a file tell which rank created it, whichever language (Python, C++, Rust) wrote it.
 """
 
 import json
@@ -39,18 +40,7 @@ def train(model_dir: str, output_dir: Path, resume_from: str | None) -> dict:
     from swiftune_loader import FastLanguageModel
     from swiftune_train import SFTTrainer, sft_config
 
-    record = {"losses": {}, "rows": {}, "writes": []}
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT
-
-    def note_writes(event, args):
-        # Python's audit "open" event sees every file opened through Python (torch.save, json); safetensors writes
-        # from Rust and is not seen, so the adapter file is checked by where the rank-0 files around it come from.
-        if event == "open" and isinstance(args[0], str) and args[0].startswith(str(output_dir) + os.sep):
-            mode, flags = args[1] or "", args[2] or 0
-            if any(c in mode for c in "wax+") or flags & write_flags:
-                record["writes"].append(str(Path(args[0]).relative_to(output_dir)))
-
-    sys.addaudithook(note_writes)  # hooks cannot be removed; the path prefix scopes it to this run
+    record = {"losses": {}, "rows": {}}
 
     class RecordingTrainer(SFTTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
@@ -112,6 +102,14 @@ def _run(tiny_model_dir, root: Path, *jobs: str) -> dict[str, list[dict]]:
     }
 
 
+def _creators(folder: Path) -> tuple[set[str], set[str], set[str]]:
+    """The files directly in ``folder`` created by rank 0, by rank 1, and those created with an explicit mode."""
+    modes = {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir() if path.is_file()}
+    by_rank0 = {name for name, mode in modes.items() if mode & 0o044 == 0o044}  # umask 0o022: group+other-read
+    by_rank1 = {name for name, mode in modes.items() if mode & 0o044 == 0o040}  # umask 0o027: group-read only
+    return by_rank0, by_rank1, set(modes) - by_rank0 - by_rank1
+
+
 def _steps(records: list[dict], key: str) -> list[int]:
     return sorted(int(step) for step in records[0][key])
 
@@ -133,25 +131,22 @@ def test_two_process_run_resumed_from_a_checkpoint_continues_as_the_uninterrupte
 
     # Rank 0 writes the checkpoint; rank 1 writes only its own RNG state (each process has its own random streams).
     for checkpoint in checkpoints:
-        name = checkpoint.name
-        rank0 = {Path(p).name for p in whole[0]["writes"] if Path(p).parent.name == name}
-        rank1 = {Path(p).name for p in whole[1]["writes"] if Path(p).parent.name == name}
-        assert rank1 == {"rng_state_1.pth"}, rank1
-        assert {"optimizer.pt", "scheduler.pt", "trainer_state.json", "adapter_config.json", "rng_state_0.pth"} <= rank0
-        on_disk = {p.name for p in checkpoint.iterdir()}
-        assert on_disk == rank0 | rank1 | {ADAPTER}, on_disk  # the adapter comes from rank 0's save_pretrained
+        by_rank0, by_rank1, unmarked = _creators(checkpoint)
+        assert by_rank1 == {"rng_state_1.pth"}, (by_rank0, by_rank1)
+        for name in ("optimizer.pt", "scheduler.pt", "trainer_state.json", "adapter_config.json", "rng_state_0.pth"):
+            assert name in by_rank0, (by_rank0, by_rank1)
+        # safetensors creates its file with mode 0o600 whatever the umask: it comes from the same rank-0
+        # save_pretrained call that wrote adapter_config.json (Trainer.save_model saves only where should_save).
+        assert unmarked == {ADAPTER}, unmarked
+    assert not _creators(whole_dir)[1], "rank 1 wrote a file in the output folder"
 
     # The ranks train on different rows, and the shuffled epochs differ: data order is not trivially restored.
     assert whole[0]["rows"]["1"] != whole[1]["rows"]["1"]
 
-    def epoch(first_step):
-        return sorted(
-            map(tuple, (r for s in range(first_step, first_step + 3) for k in whole for r in k["rows"][str(s)]))
-        )
-
-    assert epoch(1) == epoch(4) == sorted(tuple(row["input_ids"]) for row in training_rows())
-    order = [[r for k in whole for r in k["rows"][str(s)]] for s in (1, 2, 3, 4, 5, 6)]
-    assert order[:3] != order[3:]
+    order = [row for step in range(1, STEPS + 1) for rank in whole for row in rank["rows"][str(step)]]
+    first_epoch, second_epoch = order[:ROWS], order[ROWS:]
+    assert sorted(first_epoch) == sorted(second_epoch) == sorted(row["input_ids"] for row in training_rows())
+    assert first_epoch != second_epoch
 
     # Negative control, in the same torchrun as the real resume: the checkpoint without its optimizer state (the
     # Trainer then starts Adam afresh and says nothing) must part from the uninterrupted run.
@@ -175,6 +170,7 @@ def test_two_process_run_resumed_from_a_checkpoint_continues_as_the_uninterrupte
     for step in range(RESUME_AT + SAVE_STEPS, STEPS + 1, SAVE_STEPS):
         name = f"checkpoint-{step}"
         assert _bitwise_equal(_adapter(tmp_path / "resumed" / name), _adapter(whole_dir / name)), name
+        assert _creators(tmp_path / "resumed" / name)[1] == {"rng_state_1.pth"}
 
     # The comparison can fail: training moved the adapter after the resume point, and the run that lost its
     # optimizer state (same weights, data, scheduler and RNG) ends elsewhere, with a different loss curve.
@@ -190,6 +186,7 @@ def _worker(model_dir: str, root: str, *jobs: str) -> None:
 
     torch.set_num_threads(1)
     assert process_count() == WORLD_SIZE
+    os.umask(0o022 if process_rank() == 0 else 0o027)  # marks the files each rank creates (module docstring)
     for job in jobs:
         name, _, resume_from = job.partition("=")
         record = train(model_dir, Path(root) / name, resume_from or None)
