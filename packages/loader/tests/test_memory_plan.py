@@ -35,6 +35,28 @@ def test_too_little_for_recompute_offloads_the_first_layers():
     assert plan_checkpointing(layers, tokens, MEMORY, -5.0) == ["offload"] * 5
 
 
+def test_offloading_stops_at_what_the_host_can_hold():
+    tokens, layers = 8, 5
+    checkpointed = MEMORY.checkpointed * tokens
+    # The device has room for no input: all five would be offloaded, but the host holds only two.
+    assert plan_checkpointing(layers, tokens, MEMORY, 0, host_budget_bytes=2 * checkpointed) == (
+        ["offload"] * 2 + ["recompute"] * 3
+    )
+    assert plan_checkpointing(layers, tokens, MEMORY, 0, host_budget_bytes=2 * checkpointed - 1).count("offload") == 1
+    assert plan_checkpointing(layers, tokens, MEMORY, 0, host_budget_bytes=0) == ["recompute"] * 5
+    # A host budget larger than needed changes nothing.
+    budget = 2 * checkpointed
+    assert plan_checkpointing(layers, tokens, MEMORY, budget, host_budget_bytes=1e18) == (
+        ["offload"] * 3 + ["recompute"] * 2
+    )
+
+
+def test_available_host_bytes_is_a_positive_amount():
+    from swiftune_loader.checkpointing import available_host_bytes
+
+    assert 0 < available_host_bytes() < 2**50
+
+
 def test_bad_plan_arguments_are_rejected():
     with pytest.raises(ValueError, match="tokens"):
         plan_checkpointing(2, 0, MEMORY, 1e9)

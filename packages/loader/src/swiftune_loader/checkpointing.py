@@ -4,6 +4,8 @@ checkpointing (each decoder layer's input parked in pinned CPU memory until back
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from swiftune_kernels import apply_offloaded_checkpointing
@@ -124,7 +126,14 @@ class MemoryAwareCheckpointing:
             budget = free_device_bytes(device) - reserve
         else:
             budget = float(self.mode) * 2**30
-        return plan_checkpointing(self.num_layers, tokens, memory, budget, can_offload=device.type == "cuda")
+        return plan_checkpointing(
+            self.num_layers,
+            tokens,
+            memory,
+            budget,
+            can_offload=device.type == "cuda",
+            host_budget_bytes=HOST_OFFLOAD_FRACTION * available_host_bytes(),
+        )
 
     @property
     def modes(self) -> list[str]:
@@ -133,6 +142,23 @@ class MemoryAwareCheckpointing:
     def revert(self) -> None:
         self.hook.remove()
         self.handle.revert()
+
+
+# Share of the host's available memory that offloaded layer inputs may pin: the rest is for the process itself, the
+# pinned staging of each copy, and the other programs of the machine.
+HOST_OFFLOAD_FRACTION = 0.7
+
+
+def available_host_bytes() -> float:
+    """Host memory available to new allocations (Linux MemAvailable; free physical pages elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def free_device_bytes(device: torch.device) -> float:

@@ -49,7 +49,12 @@ def layer_memory(config, compute_bytes: int = 2, residual_bytes: int = 2) -> Lay
 
 
 def plan_checkpointing(
-    num_layers: int, tokens: int, memory: LayerMemory, budget_bytes: float, can_offload: bool = True
+    num_layers: int,
+    tokens: int,
+    memory: LayerMemory,
+    budget_bytes: float,
+    can_offload: bool = True,
+    host_budget_bytes: float | None = None,
 ) -> list[str]:
     """The mode of each layer ("none", "recompute" or "offload") so that the activations fit ``budget_bytes``.
 
@@ -64,6 +69,9 @@ def plan_checkpointing(
         memory: bytes per token per layer, from :func:`layer_memory` or a measurement.
         budget_bytes: device bytes the activations may take (weights, optimizer states and workspaces excluded).
         can_offload: whether offloading is available (CUDA only).
+        host_budget_bytes: pinned host bytes the offloaded inputs may take; None: unbounded. Layers the host cannot
+            take recompute with their input on the device: a device out-of-memory error is an exception the
+            trainer reports, while a host out of memory gets the process killed with nothing saved.
 
     Returns:
         One mode per layer, in layer order.
@@ -83,7 +91,10 @@ def plan_checkpointing(
     if not can_offload or ckpt == 0:
         return ["recompute"] * num_layers
     on_device = int(budget // ckpt)
-    return ["offload"] * (num_layers - on_device) + ["recompute"] * on_device
+    offloaded = num_layers - on_device
+    if host_budget_bytes is not None:
+        offloaded = min(offloaded, max(0, int(float(host_budget_bytes) // ckpt)))
+    return ["offload"] * offloaded + ["recompute"] * (num_layers - offloaded)
 
 
 def step_reserve_bytes(trainable_bytes: int, layer: LayerMemory, tokens: int, loss_bytes_per_token: int) -> int:
