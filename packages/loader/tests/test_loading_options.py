@@ -184,3 +184,14 @@ def test_adapters_the_fused_kernels_cannot_run_fall_back_to_peft_with_a_log_line
     loss = model(input_ids=IDS, labels=IDS).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("world_size", [None, "1", "2"])
+def test_nf4_storage_is_the_compute_dtype_only_under_torchrun(monkeypatch, world_size):
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    config = loading_options.quantization_config(True, False, torch.bfloat16)
+    expected = torch.bfloat16 if world_size == "2" else torch.uint8
+    assert config.bnb_4bit_quant_storage == expected

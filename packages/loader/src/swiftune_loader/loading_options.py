@@ -6,6 +6,7 @@ Every check runs before anything is loaded, so a mistake costs nothing and says 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -127,8 +128,19 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: t
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=quant_storage_dtype(compute_dtype),
         )
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def quant_storage_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype that holds NF4's packed bytes: uint8, or the compute dtype under torchrun (WORLD_SIZE > 1).
+
+    FSDP2 shards floating-point parameters of one dtype; stored as the compute dtype, the packed bytes shard with the
+    rest of a layer, so QLoRA runs under FSDP2 with no change to the user's code. The bytes are the same either way
+    (swiftune's NF4 kernel reads them as bytes), so DDP and single-GPU runs are unaffected.
+    """
+    return compute_dtype if int(os.environ.get("WORLD_SIZE", "1")) > 1 else torch.uint8
 
 
 def bitsandbytes_problem(device: str) -> str | None:

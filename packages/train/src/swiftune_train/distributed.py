@@ -62,6 +62,14 @@ def fsdp2_wrap(model: torch.nn.Module, mesh=None, mp_policy=None, reshard_after_
     as it is, adapters inside their layer's unit. The root stays gathered between forward and backward, so
     swiftune's fused loss reads the whole lm_head weight.
 
+    QLoRA: bitsandbytes 4-bit weights (``Params4bit``) are packed bytes of shape ``(n, 1)``, so they shard by rows
+    like any tensor; their ``quant_state`` (block scales, a few percent of the bytes) stays whole on every process,
+    kept by the ``Linear4bit`` module. The weight FSDP2 gathers for a forward is a plain tensor without it, so a
+    hook gives it back before each unit's forward (swiftune's fused LoRA kernels read ``weight.quant_state``).
+    The packed weights may be stored as uint8 or, as FSDP-ready QLoRA loads them, as bf16
+    (``BitsAndBytesConfig(bnb_4bit_quant_storage=torch.bfloat16)``). On the CPU keep such a model in train mode:
+    in eval mode bitsandbytes repacks 4-bit weights in place for its CPU kernel, under the storage FSDP2 manages.
+
     Args:
         model: a transformers causal LM, or a peft model wrapping one; it is changed in place.
         mesh: the device mesh to shard over; by default all processes, on this process's device type.
@@ -73,7 +81,8 @@ def fsdp2_wrap(model: torch.nn.Module, mesh=None, mp_policy=None, reshard_after_
         ``model``, now an ``FSDPModule``.
 
     Raises:
-        ValueError: no process group is initialized, or the decoder layers cannot be found.
+        ValueError: no process group is initialized, the decoder layers cannot be found, or ``mp_policy`` would
+            cast packed 4-bit weights stored in another float dtype.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -81,13 +90,62 @@ def fsdp2_wrap(model: torch.nn.Module, mesh=None, mp_policy=None, reshard_after_
         raise ValueError(
             "fsdp2_wrap needs a process group: start the script with torchrun (or `swiftune train --num-gpus N`)."
         )
-    options = {"reshard_after_forward": reshard_after_forward, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    check_4bit_storage(model, mp_policy.param_dtype)
+    options = {"reshard_after_forward": reshard_after_forward, "mp_policy": mp_policy}
     if mesh is not None:
         options["mesh"] = mesh
-    for layer in decoder_layers(model):
-        fully_shard(layer, **options)
-    fully_shard(model, **options)
+    units = [*decoder_layers(model), model]
+    for unit in units:
+        fully_shard(unit, **options)
+    claimed: set[torch.nn.Module] = set()
+    for unit in units:  # layers first: the root's hook takes only the 4-bit layers outside every decoder layer
+        quantized = [module for module in unit.modules() if _is_4bit_linear(module) and module not in claimed]
+        claimed.update(quantized)
+        if quantized:
+            # Registered after fully_shard's own pre-hook (which FSDP2 prepends), so it sees the gathered weights.
+            unit.register_forward_pre_hook(_QuantStateRestorer(quantized))
     return model
+
+
+def _is_4bit_linear(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit linear layer (known by its class, without importing bitsandbytes)."""
+    return any(cls.__name__ == "Linear4bit" and "bitsandbytes" in cls.__module__ for cls in type(module).__mro__)
+
+
+def check_4bit_storage(model: torch.nn.Module, param_dtype: torch.dtype | None) -> None:
+    """Refuse a mixed-precision cast that would corrupt packed 4-bit weights.
+
+    FSDP2 casts every parameter of a unit to ``param_dtype`` when it gathers them; packed NF4 bytes stored as
+    bf16 (``bnb_4bit_quant_storage``) and cast to another float dtype are other bytes.
+
+    Raises:
+        ValueError: a bitsandbytes 4-bit weight is stored in a float dtype other than ``param_dtype``.
+    """
+    if param_dtype is None:
+        return
+    for name, param in model.named_parameters():
+        if type(param).__name__ == "Params4bit" and param.dtype.is_floating_point and param.dtype != param_dtype:
+            raise ValueError(
+                f"{name} holds packed 4-bit weights stored as {param.dtype}, which MixedPrecisionPolicy(param_dtype="
+                f"{param_dtype}) would cast; load the model with bnb_4bit_quant_storage={param_dtype} or leave "
+                "param_dtype None."
+            )
+
+
+class _QuantStateRestorer:
+    """Forward pre-hook of an FSDP2 unit: gives each gathered 4-bit weight its module's ``quant_state`` back."""
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.modules = modules
+
+    def __call__(self, unit, args):
+        for module in self.modules:
+            weight, quant_state = module.weight, getattr(module, "quant_state", None)
+            # Never on a shard: the state dict would then name the quant_state's tensors, which shards lack.
+            is_shard = type(weight).__name__ == "DTensor"
+            if quant_state is not None and not is_shard and getattr(weight, "quant_state", None) is None:
+                weight.quant_state = quant_state
 
 
 def gather_full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
