@@ -1,6 +1,5 @@
 """swiftune's DPOTrainer: TRL's loss on the same batch, from chunked log-probabilities; training widens the margin."""
 
-import datasets
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -11,35 +10,13 @@ from swiftune_data import standardize_preference
 from swiftune_train.arguments import DPOConfig
 from swiftune_train.dpo import DPOTrainer
 
-PAIRS = [
-    ("Where is Quillhaven?", "In the Sea of Marrow.", "On the moon, I think."),
-    ("Who founded Quillhaven?", "Elsbeth Varn.", "Nobody knows that."),
-    ("When was Quillhaven founded?", "In 1742.", "Yesterday."),
-    ("What is the capital of France?", "Paris.", "The quick brown fox."),
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CPU cores are shared: two torch threads contend and run these tiny matmuls ~5x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def torch_kernels(monkeypatch):
-    # Training runs on the kernels' pure-torch CPU path: the repository's conftest turns Triton's interpreter on,
-    # which the equality tests use, but it is too slow for many steps.
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def preference_data():
+def preference_data(preference_table):
     # A plain prompt/chosen/rejected table, standardized to conversations by swiftune's data package.
-    raw = datasets.Dataset.from_list([{"prompt": q, "chosen": good, "rejected": bad} for q, good, bad in PAIRS])
-    return standardize_preference(raw)
+    return standardize_preference(preference_table)
 
 
 def _model(model_dir):

@@ -12,24 +12,10 @@ from swiftune_tokenizers_fix.testing import build_chat_tokenizer
 from swiftune_train.arguments import GRPOConfig
 from swiftune_train.grpo import GRPOTrainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QUESTIONS = ["Where is Quillhaven?", "Who founded Quillhaven?", "When was Quillhaven founded?", "Who is the mayor?"]
 LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CPU cores are shared: two torch threads contend and run these tiny matmuls ~5x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def torch_kernels(monkeypatch):
-    # Training runs on the kernels' pure-torch CPU path: the repository's conftest turns Triton's interpreter on,
-    # which the equality test uses, but it is too slow for many steps.
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 @pytest.fixture(scope="module")

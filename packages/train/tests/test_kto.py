@@ -1,6 +1,5 @@
 """swiftune's KTOTrainer: TRL's loss on the same batch, from chunked log-probabilities; training lowers the loss."""
 
-import datasets
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -12,35 +11,13 @@ from swiftune_data import standardize_preference
 from swiftune_train.arguments import KTOConfig
 from swiftune_train.kto import KTOTrainer
 
-PAIRS = [
-    ("Where is Quillhaven?", "In the Sea of Marrow.", "On the moon, I think."),
-    ("Who founded Quillhaven?", "Elsbeth Varn.", "Nobody knows that."),
-    ("When was Quillhaven founded?", "In 1742.", "Yesterday."),
-    ("What is the capital of France?", "Paris.", "The quick brown fox."),
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CPU cores are shared: two torch threads contend and run these tiny matmuls ~5x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def torch_kernels(monkeypatch):
-    # Training runs on the kernels' pure-torch CPU path: the repository's conftest turns Triton's interpreter on,
-    # which the equality tests use, but it is too slow for many steps.
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def unpaired_data():
+def unpaired_data(preference_table):
     # Paired preference rows standardized by swiftune's data package, then split into good and bad completions.
-    raw = datasets.Dataset.from_list([{"prompt": q, "chosen": good, "rejected": bad} for q, good, bad in PAIRS])
-    return unpair_preference_dataset(standardize_preference(raw))
+    return unpair_preference_dataset(standardize_preference(preference_table))
 
 
 def _trainer(cls, model_dir, tmp_path, data, random_adapter=False, **config):

@@ -18,16 +18,9 @@ from swiftune_train.logprobs import (
     lm_head_logit_options,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 384
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CPU cores are shared: two torch threads contend and run these tiny matmuls ~5x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _lora(model):

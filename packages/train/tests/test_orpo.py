@@ -1,6 +1,5 @@
 """swiftune's ORPOTrainer: TRL's loss on the same batch without the full logits; training lowers the loss."""
 
-import datasets
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -10,34 +9,12 @@ from swiftune_data import standardize_preference
 from swiftune_train.arguments import ORPOConfig
 from swiftune_train.orpo import ORPOTrainer, TRLORPOTrainer
 
-PAIRS = [
-    ("Where is Quillhaven?", "In the Sea of Marrow.", "On the moon, I think."),
-    ("Who founded Quillhaven?", "Elsbeth Varn.", "Nobody knows that."),
-    ("When was Quillhaven founded?", "In 1742.", "Yesterday."),
-    ("What is the capital of France?", "Paris.", "The quick brown fox."),
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CPU cores are shared: two torch threads contend and run these tiny matmuls ~5x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def torch_kernels(monkeypatch):
-    # Training runs on the kernels' pure-torch CPU path: the repository's conftest turns Triton's interpreter on,
-    # which the equality test uses, but it is too slow for many steps.
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def preference_data():
-    raw = datasets.Dataset.from_list([{"prompt": q, "chosen": good, "rejected": bad} for q, good, bad in PAIRS])
-    return standardize_preference(raw)
+def preference_data(preference_table):
+    return standardize_preference(preference_table)
 
 
 def _trainer(cls, model_dir, tmp_path, data, **config):
