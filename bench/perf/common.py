@@ -188,8 +188,9 @@ def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, 
     return out
 
 
-def profile_step(loss_of, model, optimizer, batch: dict, top: int = 15) -> str:
-    """The top-``top`` kernels by device time (CPU ops on a CPU machine) over two profiled steps, as a table."""
+def profile_step(loss_of, model, optimizer, batch: dict, top: int = 25) -> str:
+    """Two profiled steps: the top-``top`` GPU kernels by device time with their share, then the top operators
+    (an operator's device time includes the kernels and copies it launched, so the two lists overlap)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -203,8 +204,18 @@ def profile_step(loss_of, model, optimizer, batch: dict, top: int = 15) -> str:
             optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+    events = prof.key_averages()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
+    lines = []
+    if cuda:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.self_device_time_total for e in kernels) or 1.0
+        lines.append(f"GPU kernels, {total / 2e3:.1f} ms a step:")
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+            share, ms = 100 * e.self_device_time_total / total, e.self_device_time_total / 2e3
+            lines.append(f"  {share:5.1f}%  {ms:8.2f} ms/step  x{e.count // 2:<5d} {e.key[:90]}")
+    lines.append(events.table(sort_by=key, row_limit=15, max_name_column_width=60))
+    return "\n".join(lines)
 
 
 def matmul_flops_per_token(config, recompute: bool) -> float:

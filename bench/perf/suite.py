@@ -10,6 +10,8 @@ curve: 30 steps of 1B LoRA (batch 4 x 2048, a new seeded batch each step), swift
        (bf16 adapters): both loss curves, their largest gap, loss_curve.png (matplotlib).
 call5: 8B QLoRA, swiftune "auto" at batch 4 and 8 x 2048, and swiftune's default (with --profile: its top kernels).
 call6: 8B QLoRA, unsloth at batch 4 x 2048.
+ab1b, ab8b: swiftune's recompute with and without the down-projection skip, and memory-aware budgets near unsloth's
+       peak: 1B LoRA batch 8, 8B QLoRA batch 2.
 ctx:   swiftune 8B QLoRA, batch 1: the longest sequence that trains (409,600 first, then up or down), 512k max.
 --smoke runs each call's logic on the CPU with a tiny shape (Liger / unsloth skipped with the reason when absent).
 Results: RESULT json lines on stdout, and $OUT/<call>.jsonl (default /tmp/out).
@@ -48,6 +50,20 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
             {**eight_q, "system": "swiftune"},
         ],
         "call6": [{**eight_q, "system": "unsloth", "points": "4x2048", "limit": 300}],
+        # The recompute that skips the down projection, against the one that does not, and budgets of the
+        # memory-aware mode near unsloth's peak (activations GiB: one and two layers kept); --profile: top kernels.
+        "ab1b": [
+            {**one_b, "system": "swiftune", "no_recompute_skip": True},
+            {**one_b, "system": "swiftune"},
+            {**one_b, "system": "swiftune", "checkpointing": "1.2"},
+            {**one_b, "system": "swiftune", "checkpointing": "2.3"},
+        ],
+        "ab8b": [
+            {**eight_q, "system": "swiftune", "no_recompute_skip": True},
+            {**eight_q, "system": "swiftune"},
+            {**eight_q, "system": "swiftune", "checkpointing": "0.6"},
+            {**eight_q, "system": "swiftune", "checkpointing": "1.1"},
+        ],
         "curve": [
             dict(shape="1b", quant="bf16", points="4x2048", curve=30, system=s, limit=200)
             for s in ("peft-bf16", "swiftune")
@@ -91,7 +107,11 @@ def command(run: dict, profile: bool) -> list[str]:
     for key in ("warmup", "steps", "curve", "ctx", "ctx_down", "time_limit", "max_positions"):
         if key in run:
             args += [f"--{key.replace('_', '-')}", str(run[key])]
-    if profile and run["system"] == "swiftune" and run.get("points"):
+    if "checkpointing" in run:
+        args += ["--checkpointing", run["checkpointing"]]
+    if run.get("no_recompute_skip"):
+        args.append("--no-recompute-skip")
+    if profile and run["system"] == "swiftune" and run.get("points") and not run.get("checkpointing"):
         args.append("--profile")
     return args
 
@@ -149,7 +169,7 @@ def run_call(name: str, runs: list[dict], profile: bool, out_dir: Path) -> list[
             results.append(json.loads(line[len("RESULT ") :]))
             print(line, flush=True)
         for line in output.splitlines():
-            if line.startswith(("note:", "built", "top kernels")) or "Self CUDA" in line or line.startswith(" "):
+            if line.startswith(("note:", "built", "top kernels", "GPU kernels")) or "Self CUDA" in line or line.startswith(" "):
                 if profile or not line.startswith(" "):
                     print("   " + line)
         if not lines:
@@ -163,7 +183,7 @@ def run_call(name: str, runs: list[dict], profile: bool, out_dir: Path) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("call", choices=("call1", "call2", "call3", "call4", "call5", "call6", "curve", "ctx"))
+    parser.add_argument("call", choices=("call1", "call2", "call3", "call4", "call5", "call6", "ab1b", "ab8b", "curve", "ctx"))
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, every call's logic")
     parser.add_argument("--profile", action="store_true", help="top-15 CUDA kernels of the swiftune runs")
     parser.add_argument("--shapes-extra", action="store_true", help="call4: Qwen2.5-7B and Gemma-2-9B shapes")

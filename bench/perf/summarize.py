@@ -14,18 +14,28 @@ from pathlib import Path
 MFU_CONVENTION = "6*N*tokens/s (no recompute credit) / measured bf16 matmul peak"
 
 
+def label(r: dict) -> str:
+    """The system, with swiftune's checkpointing override and the recompute-skip switch when a run set them."""
+    text = r["system"]
+    if "checkpointing" in r:
+        text += f" ckpt={r['checkpointing']}"
+    if r.get("recompute_skip") is False:
+        text += " no-skip"
+    return text
+
+
 def print_summary(results: list[dict], peak_tflops: float | None, out_dir: Path | None = None) -> None:
     throughput = [r for r in results if r.get("tokens_per_s")]
     groups: dict[tuple, list[dict]] = {}
     for r in throughput:
         groups.setdefault((r["shape"], r["quant"], r["batch"], r["seq"]), []).append(r)
     for (shape, quant, batch, seq), rows in groups.items():
-        by = {r["system"]: r for r in rows}
+        by = {label(r): r for r in rows}
         peft = by.get("peft-bf16") if quant == "bf16" and "peft-bf16" in by else by.get("peft")
         unsloth = by.get("unsloth")
         print(f"\n{shape} {'QLoRA nf4' if quant == 'nf4' else 'LoRA bf16'}, batch {batch} x {seq}")
         print(
-            f"{'system':<15}{'tokens/s':>10}{'peak GiB':>10}{'x peft':>8}{'x unsloth':>10}{'MFU':>7}{'loss0':>9}  modes"
+            f"{'system':<26}{'tokens/s':>10}{'peak GiB':>10}{'x peft':>8}{'x unsloth':>10}{'MFU':>7}{'loss0':>9}  modes"
         )
         for r in rows:
             ratio_p = f"{r['tokens_per_s'] / peft['tokens_per_s']:.2f}" if peft else "-"
@@ -33,7 +43,7 @@ def print_summary(results: list[dict], peak_tflops: float | None, out_dir: Path 
             mfu = f"{r['model_tflops'] / peak_tflops:.0%}" if peak_tflops else "-"
             modes = r.get("checkpoint_modes", "")
             print(
-                f"{r['system']:<15}{r['tokens_per_s']:>10.0f}{str(r.get('peak_gib')):>10}{ratio_p:>8}{ratio_u:>10}"
+                f"{label(r):<26}{r['tokens_per_s']:>10.0f}{str(r.get('peak_gib')):>10}{ratio_p:>8}{ratio_u:>10}"
                 f"{mfu:>7}{r['first_loss']:>9.4f}  {modes or ''}"
             )
         losses = [r["first_loss"] for r in rows]

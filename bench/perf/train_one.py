@@ -52,11 +52,25 @@ def build(system: str, folder: Path, quant: bool, max_seq: int):
         model.train()
         return model, lambda m, b: m(**b).loss
     if system.startswith("swiftune"):
-        return _build_swiftune(system, folder, quant, max_seq)
+        return _build_swiftune(system, folder, quant, max_seq, CHECKPOINTING.get("mode"))
     return _build_peft(system, folder, quant)
 
 
-def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int):
+# --checkpointing / --no-recompute-skip, set by main() before build(): swiftune's mode overridden for one run.
+CHECKPOINTING: dict = {}
+
+
+def _checkpoint_mode(text: str | None):
+    """--checkpointing: "auto", True ("true"), "offload", or a number (GiB budget of the memory-aware mode)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return {"true": True, "auto": "auto", "offload": "offload"}[text]
+
+
+def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int, override=None):
     import torch
     from common import LORA, TARGETS, device
 
@@ -64,6 +78,8 @@ def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int):
     from swiftune_loader.patching import fused_causal_lm_loss
 
     mode = {"swiftune": None, "swiftune-auto": "auto", "swiftune-true": True}[system]
+    if override is not None:
+        mode = override
     options = {} if mode is None else {"use_gradient_checkpointing": mode}
     late = None
     try:
@@ -98,6 +114,10 @@ def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int):
         from swiftune_loader.checkpointing import enable_checkpointing
 
         enable_checkpointing(model.get_base_model(), late)
+    if CHECKPOINTING.get("no_skip"):  # A/B: recompute the MLP's down projection as before
+        for module in model.modules():
+            if hasattr(module, "_swiftune_output_to_residual"):
+                module._swiftune_output_to_residual = False
     model.train()
     return model, lambda m, b: fused_causal_lm_loss(m, b)
 
@@ -145,6 +165,10 @@ def measure(args, model, loss_of, config) -> None:
 
     optimizer = optimizer_for(model)
     base = {"system": args.system, "shape": args.shape, "quant": args.quant, "device": _device_name()}
+    if args.checkpointing is not None:
+        base["checkpointing"] = args.checkpointing
+    if args.no_recompute_skip:
+        base["recompute_skip"] = False
     for point in [p for p in args.points.split(",") if p and not args.curve]:
         batch_size, seq = (int(v) for v in point.split("x"))
         batch = random_batch(config.vocab_size, batch_size, seq)
@@ -278,7 +302,10 @@ def main() -> None:
     parser.add_argument("--curve-point", default="", help="BATCHxSEQ of the curve (default: the first --points)")
     parser.add_argument("--time-limit", type=float, default=480.0, help="seconds since start, for --ctx")
     parser.add_argument("--profile", action="store_true", help="print the top-15 kernels by device time")
+    parser.add_argument("--checkpointing", default=None, help="swiftune: auto, true, offload or a GiB budget")
+    parser.add_argument("--no-recompute-skip", action="store_true", help="swiftune: recompute the down projection")
     args = parser.parse_args()
+    CHECKPOINTING.update(mode=_checkpoint_mode(args.checkpointing), no_skip=args.no_recompute_skip)
     from common import emit, model_folder
 
     base = {"system": args.system, "shape": args.shape, "quant": args.quant}

@@ -345,3 +345,36 @@ def test_float16(device, tolerance, base):
         assert got.dtype == torch.float16
         scale = exp.abs().max().item()  # see test_triton_path_matches_float64_reference
         torch.testing.assert_close(got.double(), exp, atol=tol["atol"] * scale, rtol=tol["rtol"])
+
+
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_mlp_without_output_gives_the_same_gradients_and_skips_the_down_projection(device, base, monkeypatch):
+    """output_needed=False (a checkpointed layer's recompute): the down projection's base matmul is not run, and
+    every gradient equals the full forward's, bit for bit (the same matmuls on the same operands)."""
+    import sys
+
+    lora_mlp_module = sys.modules[LoRAMLPFunction.__module__]  # the package exports a function of the same name
+
+    weights = _make_weights(MLP, torch.float32, "dense" if base == "dense" else "reference", device)
+    x = _inputs(torch.float32, device)
+    outs, leaves = _ours(lora_mlp, x, weights, 2.0, "silu")
+    grads = _backward(outs)
+
+    projected = []
+    real_project = lora_mlp_module.project_forward
+    monkeypatch.setattr(
+        lora_mlp_module, "project_forward", lambda x2, w, *rest: projected.append(w) or real_project(x2, w, *rest)
+    )
+    x2 = x.detach().clone().requires_grad_(True)
+    skip_leaves, args = [x2], [x2]
+    for ours, _, a, b in weights.values():
+        a, b = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+        skip_leaves += [a, b]
+        args += [ours, a, b, 2.0]
+    out = lora_mlp(*args, "silu", output_needed=False)
+    assert out.shape == outs[0].shape
+    torch.autograd.backward([out], grads)
+    down_weight = weights["down_proj"][0]
+    assert len(projected) == 2 and all(w is not down_weight for w in projected)
+    for full, skipped in zip(leaves, skip_leaves, strict=True):
+        torch.testing.assert_close(skipped.grad, full.grad, atol=0, rtol=0)

@@ -23,8 +23,20 @@ def test_partial_budget_keeps_the_last_layers_and_recomputes_the_first():
         budget = tokens * (keep * MEMORY.kept + (layers - keep) * MEMORY.checkpointed)
         assert plan_checkpointing(layers, tokens, MEMORY, budget) == ["recompute"] * (layers - keep) + ["none"] * keep
         if keep:
-            fewer = plan_checkpointing(layers, tokens, MEMORY, budget - 1)
+            fewer = plan_checkpointing(layers, tokens, MEMORY, budget - 1, can_offload=False)
             assert fewer.count("none") == keep - 1
+
+
+def test_offloading_buys_kept_layers_only_where_it_must():
+    tokens, layers = 8, 4
+    kept, ckpt = MEMORY.kept * tokens, MEMORY.checkpointed * tokens
+    # Room for two kept layers and nothing else: the other two inputs go to the host rather than a third recompute.
+    assert plan_checkpointing(layers, tokens, MEMORY, 2 * kept) == ["offload"] * 2 + ["none"] * 2
+    # One more checkpoint's room: one input stays on the device, and no copy is made that buys nothing.
+    assert plan_checkpointing(layers, tokens, MEMORY, 2 * kept + ckpt) == ["offload", "recompute", "none", "none"]
+    # Without offloading the same budget keeps one layer fewer; a host too small for both inputs likewise.
+    assert plan_checkpointing(layers, tokens, MEMORY, 2 * kept, can_offload=False).count("none") == 1
+    assert plan_checkpointing(layers, tokens, MEMORY, 2 * kept, host_budget_bytes=ckpt).count("none") == 1
 
 
 def test_too_little_for_recompute_offloads_the_first_layers():

@@ -28,6 +28,7 @@ from swiftune_kernels.offloaded_checkpoint import (
     OffloadedCheckpointFunction,
     apply_offloaded_checkpointing,
     offloaded_checkpoint,
+    recomputing_for_backward,
 )
 from swiftune_kernels.rms_norm import RMSNormFunction, rms_norm
 from swiftune_kernels.rope import RoPEFunction, apply_rotary_pos_emb, rope
@@ -52,6 +53,7 @@ __all__ = [
     "OffloadedCheckpointFunction",
     "offloaded_checkpoint",
     "apply_offloaded_checkpointing",
+    "recomputing_for_backward",
     "dequantize_nf4",
     "LoRALinearFunction",
     "lora_linear",

@@ -34,6 +34,7 @@ from swiftune_kernels.lora_linear import (
     check_projection,
     project_backward,
     project_forward,
+    weight_shape,
 )
 from swiftune_kernels.reference import lora as _reference
 from swiftune_kernels.reference.gated_activation import gated_activation as _reference_gated_activation
@@ -92,14 +93,20 @@ class LoRAMLPFunction(torch.autograd.Function):
     """Autograd of the LoRA gated MLP; saves x, gate, up and three (T, r) intermediates. Backward runs once."""
 
     @staticmethod
-    def forward(ctx, x, g_a, g_b, u_a, u_b, d_a, d_b, g_w, u_w, d_w, g_s, u_s, d_s, activation):
+    def forward(ctx, x, g_a, g_b, u_a, u_b, d_a, d_b, g_w, u_w, d_w, g_s, u_s, d_s, activation, output_needed):
         x2 = x.reshape(-1, x.shape[-1])
         cast = [t.to(x.dtype) for t in (g_a, g_b, u_a, u_b, d_a, d_b)]
         gate, xa_g = project_forward(x2, g_w, cast[0], cast[1], g_s)
         up, xa_u = project_forward(x2, u_w, cast[2], cast[3], u_s)
-        h = _act_forward(gate, up, activation)
-        y, ha = project_forward(h, d_w, cast[4], cast[5], d_s)
-        del h  # recomputed in backward from gate and up
+        if output_needed:
+            h = _act_forward(gate, up, activation)
+            y, ha = project_forward(h, d_w, cast[4], cast[5], d_s)
+            del h  # recomputed in backward from gate and up
+        else:
+            # Only the graph is wanted (a checkpointed layer's recompute): y's value is never read, so the down
+            # projection (and h, and its adapter intermediate, made in backward instead) are not computed. NaN, so
+            # that a caller which did read it would see at once (one memset, against a skipped matmul).
+            y, ha = x2.new_full((x2.shape[0], _out_features(d_w)), float("nan")), None
         ctx.save_for_backward(x2, gate, up, xa_g, xa_u, ha, *cast)
         ctx.weights, ctx.scales, ctx.activation, ctx.x_shape = (g_w, u_w, d_w), (g_s, u_s, d_s), activation, x.shape
         ctx.dtypes = tuple(t.dtype for t in (g_a, g_b, u_a, u_b, d_a, d_b))
@@ -120,12 +127,15 @@ class LoRAMLPFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
 
         # down: dA_d needs h, which the in-place pass below writes over dh, so take dxa_d for dh first
-        grad_da, grad_db, dxa_d = project_backward(dy2, None, ha, da_, db_, d_s, False, need[6], True)
+        db_now = need[6] and ha is not None
+        grad_da, grad_db, dxa_d = project_backward(dy2, None, ha, da_, db_, d_s, False, db_now, True)
         dh = accumulate_dx(None, dy2, d_w, dxa_d, da_)
         lora_mlp_act_backward(dh, gate, up, ctx.activation)
         h, dgate, dup = dh, gate, up
         if need[5]:
             grad_da = torch.mm(dxa_d.t(), h)
+        if need[6] and ha is None:  # a forward that skipped the down projection: its intermediate, from h now
+            grad_db = torch.mm(dy2.t(), torch.mm(h, da_.t())).mul_(d_s)
         del h, dh
 
         need_x = need[0]
@@ -137,7 +147,11 @@ class LoRAMLPFunction(torch.autograd.Function):
             dx = accumulate_dx(dx, dup, u_w, dxa_u, ua).reshape(ctx.x_shape)
         grads = (ga_grad, gb_grad, ua_grad, ub_grad, grad_da, grad_db)
         grads = tuple(cast_grad(g, dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True))
-        return (dx, *grads, None, None, None, None, None, None, None)
+        return (dx, *grads, None, None, None, None, None, None, None, None)
+
+
+def _out_features(weight) -> int:
+    return weight_shape(weight)[0]
 
 
 def lora_mlp(
@@ -155,6 +169,7 @@ def lora_mlp(
     down_b: torch.Tensor,
     down_s: float,
     activation: str = "silu",
+    output_needed: bool = True,
 ) -> torch.Tensor:
     """LoRA gated MLP ``down(act(gate(x)) * up(x))`` (peft layout), gradients for x and the six adapters only.
 
@@ -170,9 +185,13 @@ def lora_mlp(
         gate_b: (intermediate, r), peft's ``lora_B.weight``; up_b (intermediate, r), down_b (hidden, r).
         gate_s: peft's ``scaling`` of gate_proj; up_s, down_s likewise.
         activation: ``"silu"`` (SwiGLU: Llama, Mistral, Qwen), ``"gelu"`` (exact GeGLU) or ``"gelu_tanh"`` (Gemma).
+        output_needed: False when only the graph is wanted and y's value will never be read, as in the recompute
+            of a checkpointed decoder layer whose MLP output only joins the residual sum
+            (:func:`swiftune_kernels.recomputing_for_backward`): the down projection's base matmul (and its NF4
+            dequantization) is skipped and y is NaN; the gradients are the same. Triton path only.
 
     Returns:
-        y: (..., hidden) in x's dtype.
+        y: (..., hidden) in x's dtype (all NaN when ``output_needed`` is False).
     """
     if activation not in _ACTIVATION_IDS:
         raise ValueError(f"activation must be one of {tuple(_ACTIVATION_IDS)}, got {activation!r}.")
@@ -187,7 +206,7 @@ def lora_mlp(
     if use_triton(x):
         return LoRAMLPFunction.apply(
             x, gate_a, gate_b, up_a, up_b, down_a, down_b, gate_w, up_w, down_w,
-            float(gate_s), float(up_s), float(down_s), activation,
+            float(gate_s), float(up_s), float(down_s), activation, bool(output_needed),
         )  # fmt: skip
     return _reference.lora_mlp(
         x, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b, down_s, activation

@@ -14,6 +14,7 @@ semantics, so the tests prove the logic there); the CUDA copies are proven by th
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import threading
 import warnings
@@ -66,6 +67,22 @@ def checkpoint_policy(
     if torch.device(device).type != "cuda":
         return "recompute"
     return "offload" if batch_size * seq_len * hidden_size >= threshold else "recompute"
+
+
+# True while a decoder layer wrapped by apply_offloaded_checkpointing is recomputed for its backward.
+_RECOMPUTING_LAYER: contextvars.ContextVar[bool] = contextvars.ContextVar("swiftune_recomputing_layer", default=False)
+
+
+def recomputing_for_backward() -> bool:
+    """Whether the code running now is the recompute of a whole decoder layer wrapped by
+    :func:`apply_offloaded_checkpointing`, run only to rebuild the graph for the layer's backward.
+
+    The values of that recompute's layer output are never read (the gradient flowing in was computed from the
+    forward's output), so a last operation whose result only reaches the output through the residual sum, e.g.
+    the MLP's down projection in a Llama layer, need not be computed (``lora_mlp(..., output_needed=False)``).
+    Which operations qualify depends on the architecture, so the caller decides; this only says when.
+    """
+    return _RECOMPUTING_LAYER.get()
 
 
 # --- nested arguments and outputs: tensors out, a spec with numbered slots left behind --------------------------
@@ -197,8 +214,11 @@ class _HostCopy:
 class _Plan:
     """What forward and backward share that is not a tensor: the function, argument structure, options."""
 
-    def __init__(self, run_function, spec, num_arg_tensors, params, offload, preserve_rng_state) -> None:
+    def __init__(
+        self, run_function, spec, num_arg_tensors, params, offload, preserve_rng_state, whole_layer=False
+    ) -> None:
         self.run_function = run_function
+        self.whole_layer = whole_layer  # a decoder layer wrapped per layer: recomputing_for_backward() holds
         self.spec = spec  # (args, kwargs) with _Slot in place of tensors
         self.num_arg_tensors = num_arg_tensors
         self.params = params  # the layer's trainable parameters, or None when layer_fn is not a module's
@@ -279,7 +299,11 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
                     stack.enter_context(
                         torch.autocast(device_type=device_type, enabled=enabled, dtype=dtype, cache_enabled=cache)
                     )
-                _, out_tensors = plan.run(inputs[0], inputs[1:])
+                token = _RECOMPUTING_LAYER.set(plan.whole_layer)
+                try:
+                    _, out_tensors = plan.run(inputs[0], inputs[1:])
+                finally:
+                    _RECOMPUTING_LAYER.reset(token)
         if len(out_tensors) != len(grad_outputs):
             raise RuntimeError(
                 f"layer_fn returned {len(out_tensors)} tensors when recomputed but {len(grad_outputs)} in forward; "
@@ -355,7 +379,7 @@ def offloaded_checkpoint(
     return _checkpoint(layer_fn, _layer_parameters(layer_fn), hidden_states, args, kwargs, offload, preserve_rng_state)
 
 
-def _checkpoint(layer_fn, params, hidden_states, args, kwargs, offload, preserve_rng_state):
+def _checkpoint(layer_fn, params, hidden_states, args, kwargs, offload, preserve_rng_state, whole_layer=False):
     if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
         got = hidden_states.dtype if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
         raise TypeError(f"hidden_states must be a floating-point tensor, got {got}.")
@@ -369,7 +393,7 @@ def _checkpoint(layer_fn, params, hidden_states, args, kwargs, offload, preserve
         seq_len = shape[-2] if hidden_states.dim() >= 2 else 1
         batch = max(1, hidden_states.numel() // max(1, seq_len * shape[-1]))
         offload = checkpoint_policy(max(1, seq_len), max(1, shape[-1]), batch, hidden_states.device) == "offload"
-    plan = _Plan(layer_fn, spec, len(arg_tensors), params, bool(offload), preserve_rng_state)
+    plan = _Plan(layer_fn, spec, len(arg_tensors), params, bool(offload), preserve_rng_state, whole_layer)
     out_tensors = OffloadedCheckpointFunction.apply(plan, hidden_states, *arg_tensors, *(params or []))
     return _fill(plan.output_spec, list(out_tensors))
 
@@ -416,7 +440,9 @@ class _CheckpointedForward:
                     stacklevel=2,
                 )
                 kwargs.update({k: _CACHE_KWARGS[k] for k in dropped})
-        return _checkpoint(self.forward, params, hidden_states, args, kwargs, self.offload, self.preserve_rng_state)
+        return _checkpoint(
+            self.forward, params, hidden_states, args, kwargs, self.offload, self.preserve_rng_state, whole_layer=True
+        )
 
 
 class OffloadedCheckpointingHandle:

@@ -2,7 +2,8 @@
 
 Checkpointing every layer costs a recomputed forward (~25-33% of a step); keeping every layer's activations costs
 memory that grows with the tokens in the batch. The plan keeps as many layers un-checkpointed as the budget
-allows, recomputes the rest, and offloads layer inputs to the host only when even full recomputation does not fit.
+allows and recomputes the rest, offloading layer inputs to the host where that keeps one more layer or where even
+full recomputation does not fit.
 
 Per token, an un-checkpointed Llama-style layer (swiftune's fused kernels, bf16 autocast) keeps about:
 the two norm inputs (residual stream, ``hidden`` each, in the residual dtype), the normed inputs of the fused
@@ -59,9 +60,11 @@ def plan_checkpointing(
     """The mode of each layer ("none", "recompute" or "offload") so that the activations fit ``budget_bytes``.
 
     As many layers as fit stay un-checkpointed (the last ones: their backward runs first); the others recompute.
-    When even recomputing every layer does not fit, the first layers' inputs are offloaded (they wait longest for
-    their backward, so their copies back have the most time), or, with ``can_offload`` False, everything
-    recomputes (the best that can be done).
+    Offloading a layer's input to the host frees its device bytes at no recompute cost, so inputs are offloaded
+    where that lets one more layer stay un-checkpointed, and where even recomputing every layer does not fit; never
+    otherwise (the copies cost PCIe traffic for nothing). Offloaded layers are the first ones (they wait longest
+    for their backward, so their copies back have the most time). When nothing fits, or with ``can_offload`` False,
+    the plan is the best that can be done: as much offloaded as allowed, the rest recomputed.
 
     Args:
         num_layers: decoder layers.
@@ -74,7 +77,7 @@ def plan_checkpointing(
             trainer reports, while a host out of memory gets the process killed with nothing saved.
 
     Returns:
-        One mode per layer, in layer order.
+        One mode per layer, in layer order: offloaded, then recomputed, then un-checkpointed layers.
     """
     if not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"num_layers must be a non-negative int, got {num_layers!r}.")
@@ -84,17 +87,19 @@ def plan_checkpointing(
         raise ValueError(f"a kept layer must hold at least as much as a checkpointed one, got {memory}.")
     kept, ckpt = memory.kept * tokens, memory.checkpointed * tokens
     budget = max(0.0, float(budget_bytes))
-    if num_layers * ckpt <= budget:
-        extra = kept - ckpt
-        keep = num_layers if extra == 0 else min(num_layers, int((budget - num_layers * ckpt) // extra))
-        return ["recompute"] * (num_layers - keep) + ["none"] * keep
-    if not can_offload or ckpt == 0:
-        return ["recompute"] * num_layers
-    on_device = int(budget // ckpt)
-    offloaded = num_layers - on_device
-    if host_budget_bytes is not None:
-        offloaded = min(offloaded, max(0, int(float(host_budget_bytes) // ckpt)))
-    return ["offload"] * offloaded + ["recompute"] * (num_layers - offloaded)
+    max_offload = num_layers if can_offload and ckpt > 0 else 0
+    if host_budget_bytes is not None and ckpt > 0:
+        max_offload = min(max_offload, max(0, int(float(host_budget_bytes) // ckpt)))
+    for keep in range(num_layers, -1, -1):
+        room = budget - keep * kept
+        if room < 0:
+            continue
+        rest = num_layers - keep
+        on_device = rest if ckpt == 0 else min(rest, int(room // ckpt))
+        offloaded = rest - on_device
+        if offloaded <= max_offload:
+            return ["offload"] * offloaded + ["recompute"] * on_device + ["none"] * keep
+    return ["offload"] * max_offload + ["recompute"] * (num_layers - max_offload)
 
 
 def step_reserve_bytes(trainable_bytes: int, layer: LayerMemory, tokens: int, loss_bytes_per_token: int) -> int:

@@ -15,4 +15,5 @@ SPEC = ArchitectureSpec(
     rope="interleaved",
     qk_norm="use_qk_norm",
     norm_kind="layer_norm",
+    mlp_output_to_residual=True,
 )

@@ -10,4 +10,5 @@ SPEC = ArchitectureSpec(
     attention_class_names=("GemmaAttention",),
     mlp_class_names=("GemmaMLP",),
     activation="gelu_tanh",
+    mlp_output_to_residual=True,
 )

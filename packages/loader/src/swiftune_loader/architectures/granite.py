@@ -11,4 +11,5 @@ SPEC = ArchitectureSpec(
     attention_class_names=("GraniteAttention",),
     mlp_class_names=("GraniteMLP",),
     activation="silu",
+    mlp_output_to_residual=True,
 )

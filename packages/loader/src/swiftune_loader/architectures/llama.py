@@ -10,4 +10,5 @@ SPEC = ArchitectureSpec(
     attention_class_names=("LlamaAttention",),
     mlp_class_names=("LlamaMLP",),
     activation="silu",
+    mlp_output_to_residual=True,
 )

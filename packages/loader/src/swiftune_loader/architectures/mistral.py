@@ -10,4 +10,5 @@ SPEC = ArchitectureSpec(
     attention_class_names=("MistralAttention",),
     mlp_class_names=("MistralMLP",),
     activation="silu",
+    mlp_output_to_residual=True,
 )

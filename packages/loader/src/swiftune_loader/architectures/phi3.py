@@ -13,4 +13,5 @@ SPEC = ArchitectureSpec(
     activation="silu",
     fused_qkv=True,
     fused_gate_up=True,
+    mlp_output_to_residual=True,
 )

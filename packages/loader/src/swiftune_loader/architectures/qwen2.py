@@ -10,4 +10,5 @@ SPEC = ArchitectureSpec(
     attention_class_names=("Qwen2Attention",),
     mlp_class_names=("Qwen2MLP",),
     activation="silu",
+    mlp_output_to_residual=True,
 )

@@ -11,4 +11,5 @@ SPEC = ArchitectureSpec(
     mlp_class_names=("Qwen3MLP",),
     activation="silu",
     qk_norm=True,
+    mlp_output_to_residual=True,
 )

@@ -25,6 +25,10 @@ class ArchitectureSpec:
         norm_kind: "rms_norm", or "layer_norm" (mean-centred, no bias: Cohere).
         fused_qkv: q, k and v come from one ``qkv_proj`` (Phi-3), split after the projection.
         fused_gate_up: gate and up come from one ``gate_up_proj`` (Phi-3), split in halves.
+        mlp_output_to_residual: the decoder layer only adds the MLP's output to the residual stream (scaled or
+            dropped out at most) and returns the sum, so no backward in the layer reads the output's value; a
+            checkpointed layer's recompute then skips the down projection. False where a norm follows the MLP
+            (Gemma 2 and 3's post-feedforward norm reads it).
     """
 
     model_type: str
@@ -39,6 +43,7 @@ class ArchitectureSpec:
     fused_qkv: bool = False
     fused_gate_up: bool = False
     norm_kind: str = "rms_norm"
+    mlp_output_to_residual: bool = False
 
     def __post_init__(self) -> None:
         # Facts the engine branches on: a typo here would silently take the wrong branch.

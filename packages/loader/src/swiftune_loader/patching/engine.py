@@ -27,6 +27,7 @@ _BOUND_ATTRIBUTES = (
     "_swiftune_fused_qkv",
     "_swiftune_fused_gate_up",
     "_swiftune_interleaved_rope",
+    "_swiftune_output_to_residual",
 )
 
 
@@ -103,6 +104,7 @@ def patch_model(model: torch.nn.Module, spec: ArchitectureSpec | None = None) ->
         elif class_name in spec.mlp_class_names and activation is not None:
             module._swiftune_activation = activation
             module._swiftune_fused_gate_up = spec.fused_gate_up
+            module._swiftune_output_to_residual = spec.mlp_output_to_residual
             module.forward = types.MethodType(gated_mlp_forward, module)
             handle.bound.append(module)
     logger.info("swiftune fast path for %s: %s", spec.model_type, handle.counts)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from swiftune_kernels import gated_activation, lora_linear, lora_mlp, lora_qkv, rope
+from swiftune_kernels import gated_activation, lora_linear, lora_mlp, lora_qkv, recomputing_for_backward, rope
 from swiftune_loader.patching.lora_parts import fusable_input, lora_parts
 
 
@@ -57,14 +57,19 @@ def attention_forward(
 
 def gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """down(act(gate(x)) * up(x)): the fused LoRA MLP when all three projections allow it, else the projections
-    as they are with the activation and product in one swiftune kernel."""
+    as they are with the activation and product in one swiftune kernel.
+
+    In the recompute of a checkpointed layer whose architecture only adds this output to the residual, the fused
+    MLP skips the down projection: nothing reads the recomputed output's value, only its graph.
+    """
     if self._swiftune_fused_gate_up:
         # Phi-3: one projection, split in halves (row-strided views the activation kernel reads in place).
         gate, up = _project(self.gate_up_proj, x).chunk(2, dim=-1)
         return _project(self.down_proj, gated_activation(gate, up, self._swiftune_activation))
     parts = [lora_parts(self.gate_proj), lora_parts(self.up_proj), lora_parts(self.down_proj)]
     if fusable_input(x, parts):
-        return lora_mlp(x, *_flat(parts), activation=self._swiftune_activation)
+        output_needed = not (getattr(self, "_swiftune_output_to_residual", False) and recomputing_for_backward())
+        return lora_mlp(x, *_flat(parts), activation=self._swiftune_activation, output_needed=output_needed)
     return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), self._swiftune_activation))
 
 
