@@ -10,6 +10,8 @@ curve: 30 steps of 1B LoRA (batch 4 x 2048, a new seeded batch each step), swift
        (bf16 adapters): both loss curves, their largest gap, loss_curve.png (matplotlib).
 call5: 8B QLoRA, swiftune "auto" at batch 4 and 8 x 2048, and swiftune's default (with --profile: its top kernels).
 call6: 8B QLoRA, unsloth at batch 4 x 2048.
+final1b, final8b: the record for issue 12's same-memory targets: 1B LoRA (peft bf16, Liger bf16, unsloth,
+       swiftune default and with a 1.2 GiB budget), 8B QLoRA (unsloth, swiftune default and 0.6 GiB, peft).
 ab1b, ab8b: swiftune's recompute with and without the down-projection skip, and memory-aware budgets near unsloth's
        peak: 1B LoRA batch 8, 8B QLoRA batch 2.
 ctx:   swiftune 8B QLoRA, batch 1: the longest sequence that trains (409,600 first, then up or down), 512k max.
@@ -57,6 +59,21 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
             {**one_b, "system": "swiftune"},
             {**one_b, "system": "swiftune", "checkpointing": "1.2"},
             {**one_b, "system": "swiftune", "checkpointing": "2.3"},
+        ],
+        # The record: the peers and swiftune (default, and the memory-aware mode with a GiB budget that keeps the
+        # peak at or under unsloth's) in one call each.
+        "final1b": [
+            {**one_b, "system": "peft-bf16"},
+            {**one_b, "system": "liger-bf16"},
+            {**one_b, "system": "unsloth", "limit": 260},
+            {**one_b, "system": "swiftune"},
+            {**one_b, "system": "swiftune", "checkpointing": "1.2"},
+        ],
+        "final8b": [
+            {**eight_q, "system": "unsloth", "limit": 280},
+            {**eight_q, "system": "swiftune"},
+            {**eight_q, "system": "swiftune", "checkpointing": "0.6"},
+            {**eight_q, "system": "peft"},
         ],
         "ab8b": [
             {**eight_q, "system": "swiftune", "no_recompute_skip": True},
@@ -183,7 +200,7 @@ def run_call(name: str, runs: list[dict], profile: bool, out_dir: Path) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("call", choices=("call1", "call2", "call3", "call4", "call5", "call6", "ab1b", "ab8b", "curve", "ctx"))
+    parser.add_argument("call", choices=("call1", "call2", "call3", "call4", "call5", "call6", "ab1b", "ab8b", "final1b", "final8b", "curve", "ctx"))
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, every call's logic")
     parser.add_argument("--profile", action="store_true", help="top-15 CUDA kernels of the swiftune runs")
     parser.add_argument("--shapes-extra", action="store_true", help="call4: Qwen2.5-7B and Gemma-2-9B shapes")

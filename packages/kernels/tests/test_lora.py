@@ -2,6 +2,7 @@
 against the float64 reference, for dense and NF4 base weights; the Triton parts (activation, NF4 dequantization)
 run under the interpreter on CPU."""
 
+import sys
 import types
 
 import pytest
@@ -378,3 +379,69 @@ def test_mlp_without_output_gives_the_same_gradients_and_skips_the_down_projecti
     assert len(projected) == 2 and all(w is not down_weight for w in projected)
     for full, skipped in zip(leaves, skip_leaves, strict=True):
         torch.testing.assert_close(skipped.grad, full.grad, atol=0, rtol=0)
+
+
+QKV_CONFIGS = {
+    "separate": dict(variant="separate"),
+    "fused-per-projection": dict(variant="fused", dense_concat=False, dy_concat=False),
+    "fused-stacked": dict(variant="fused", dense_concat=True, dy_concat=True),
+    "fused-stacked-per-dy": dict(variant="fused", dense_concat=True, dy_concat=False),
+}
+
+
+@pytest.mark.parametrize("kind,config", [("linear", None), ("mlp", None), *(("qkv", c) for c in QKV_CONFIGS)])
+def test_rank_terms_are_written_first_and_base_matmuls_accumulate_onto_them(device, monkeypatch, kind, config):
+    """No matmul with K = r accumulates onto its output (a pure memory pass over a (T, out) output, or over dx): the
+    rank-r terms are written first, by a plain matmul or an ``addmm_`` with beta=0 (which does not read its output),
+    and only the base matmuls (K = in or out features) accumulate with ``addmm_``. Reverting to
+    ``y = x @ W.T; y.addmm_(xa, B.T)`` (or ``dx.addmm_(dxa, A)``) fails here."""
+    if config is not None:
+        qkv_module = sys.modules[LoRAQKVFunction.__module__]  # the package exports a function of the same name
+        for key, value in QKV_CONFIGS[config].items():
+            monkeypatch.setitem(qkv_module.CONFIG, key, value)
+    shapes, op, _ = OPS[kind]
+    weights = _make_weights(shapes, torch.float32, "dense", device)
+    calls = []  # (phase, output shape, K, beta) of every addmm_
+    phase = ["forward"]
+    real_addmm_ = torch.Tensor.addmm_
+
+    def spy_addmm_(self, mat1, mat2, *args, **kwargs):
+        calls.append((phase[0], tuple(self.shape), mat1.shape[1], kwargs.get("beta", 1)))
+        return real_addmm_(self, mat1, mat2, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "addmm_", spy_addmm_)
+        outs, leaves = _ours(op, _inputs(torch.float32, device), weights, 2.0, "silu" if kind == "mlp" else None)
+        phase[0] = "backward"
+        _backward(outs)
+
+    assert all(leaf.grad is not None for leaf in leaves)
+    # K of a rank-r matmul: r, or up to 3 r for the adapters of q, k, v concatenated; every base K here is larger
+    assert 3 * RANK < min(min(shape) for shape in shapes.values())
+    rank_in_place = [c for c in calls if c[2] <= 3 * RANK and c[3] != 0]
+    assert not rank_in_place, f"a rank-r matmul accumulated in place onto its output: {rank_in_place}"
+    # the base matmuls did accumulate in place, in both directions, dx included (the spy sees what it must see)
+    base = [c for c in calls if c[2] > 3 * RANK]
+    assert {"forward", "backward"} <= {p for p, *_ in base}
+    assert any(p == "backward" and out == (TOKENS[0] * TOKENS[1], HIDDEN) for p, out, *_ in base)
+
+
+def test_a_4bit_weight_is_checked_again_when_its_quant_state_is_replaced(device):
+    """materialize_weight checks a 4-bit weight once, not on every dequantization, but a replaced quant_state (or
+    data) is checked again: a malformed one raises instead of being read."""
+    from swiftune_kernels.lora_linear import materialize_weight
+
+    class Weight:  # like Params4bit: weak references allowed, .data and .quant_state
+        pass
+
+    dense = (torch.randn(INTERMEDIATE, HIDDEN, generator=torch.Generator().manual_seed(5))).to(device, torch.bfloat16)
+    good = _quantize(dense, "reference")
+    weight = Weight()
+    weight.data, weight.quant_state = good.data, good.quant_state
+    first = materialize_weight(weight, torch.float32)
+    torch.testing.assert_close(materialize_weight(weight, torch.float32), first, atol=0, rtol=0)
+    broken = types.SimpleNamespace(**vars(good.quant_state))
+    broken.absmax = good.quant_state.absmax[:-1]  # one scale short
+    weight.quant_state = broken
+    with pytest.raises(ValueError, match="absmax"):
+        materialize_weight(weight, torch.float32)

@@ -5,7 +5,13 @@
 bitsandbytes 4-bit weight is dequantized on the fly (forward, and again in backward for dx) with the Triton NF4
 kernel, never kept. The backward computes only what autograd asks for among dx, dA and dB:
 
-    dxa = s * dy @ B          dB = s * dy.T @ xa          dA = dxa.T @ x          dx = dy @ W + dxa @ A
+    dxa = s * dy @ B          dB = s * dy.T @ xa          dA = dxa.T @ x          dx = dxa @ A + dy @ W
+
+Order of the two terms of y (and of dx): the thin rank-r matmul (K = r) writes the output first, and the base
+matmul then accumulates onto it with beta=1 (``y.addmm_(x, W.T)``), so that the read of the output happens in the
+epilogue of the big, compute-bound GEMM, overlapped with its compute. The other order (base first, then
+``y.addmm_(xa, B.T)``) makes the K = r matmul a pure memory pass that reads and rewrites all of y (T x out).
+The thin matmul writes with beta=0 (the fresh output is never read) and alpha=s, so s costs no pass of its own.
 
 The matmuls are torch's (cuBLAS on GPU); this file also holds the helpers that ``lora_qkv`` and ``lora_mlp`` share.
 Applies to peft LoRA layers with dropout 0, no bias and no DoRA; the caller keeps peft's layers otherwise.
@@ -14,19 +20,39 @@ Applies to peft LoRA layers with dropout 0, no bias and no DoRA; the caller keep
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import torch
 
 from swiftune_kernels.dispatch import check_same_device, use_triton
-from swiftune_kernels.nf4 import dequantize_nf4
+from swiftune_kernels.nf4 import dequantize_nf4, dequantize_nf4_checked, dequantize_nf4_trusted
 from swiftune_kernels.reference import lora as _reference
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# 4-bit weights whose packed data and quant_state passed dequantize_nf4's checks, by id: (weakref, state id, data
+# pointer). A training step dequantizes each weight 2-3 times; its checks cost as much CPU time as the launch.
+_CHECKED: dict[int, tuple] = {}
 
 
-def materialize_weight(weight, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) base weight in ``dtype``: a dense weight as is, a 4-bit one dequantized by the NF4 kernel."""
-    return _reference.dense_weight(weight, dtype, dequantize=dequantize_nf4)
+def materialize_weight(weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The (out, in) base weight in ``dtype``: a dense weight as is, a 4-bit one dequantized by the NF4 kernel
+    (its arguments checked on the weight's first use, and again whenever its data or quant_state is replaced).
+    With ``out`` (contiguous, the weight's size), the weight is written there and ``out`` returned."""
+    if _reference.is_quantized(weight) and dtype in _KERNEL_DTYPES and use_triton(weight.data):
+        state, packed = weight.quant_state, weight.data
+        seen = _CHECKED.get(id(weight))
+        if seen is None or seen[0]() is not weight or seen[1] != id(state) or seen[2] != packed.data_ptr():
+            dequantize_nf4_checked(packed, state, dtype)  # raises on a malformed weight; validates only
+            if len(_CHECKED) >= 4096:  # a bound, for programs that make many short-lived weights
+                _CHECKED.clear()
+            try:
+                _CHECKED[id(weight)] = (weakref.ref(weight), id(state), packed.data_ptr())
+            except TypeError:  # an object without weak references (a stand-in for Params4bit): checked every time
+                pass
+        return dequantize_nf4_trusted(packed, state, dtype, out=out)
+    dense = _reference.dense_weight(weight, dtype, dequantize=dequantize_nf4)
+    return dense if out is None else out.copy_(dense)
 
 
 def weight_shape(weight) -> tuple[int, ...]:
@@ -95,12 +121,17 @@ def check_input(x: torch.Tensor) -> None:
 
 
 def project_forward(x2, weight, a, b, s):
-    """``(x2 @ W.T + s * xa @ B.T, xa)`` for x2 (T, in) with a, b already in x2's dtype."""
-    w = materialize_weight(weight, x2.dtype)
-    y = torch.mm(x2, w.t())
-    del w  # a dequantized weight is freed before the next one is made
+    """``(x2 @ W.T + s * xa @ B.T, xa)`` for x2 (T, in) with a, b already in x2's dtype; xa = x2 @ A.T, unscaled.
+
+    The rank-r term is written first (a write-only thin matmul), then the base matmul adds onto it with beta=1:
+    see the module docstring for why the order matters.
+    """
     xa = torch.mm(x2, a.t())
-    y.addmm_(xa, b.t(), alpha=s)
+    # beta=0: the fresh y is not read (nor its garbage propagated); alpha=s scales in the same matmul
+    y = x2.new_empty(x2.shape[0], b.shape[0]).addmm_(xa, b.t(), beta=0, alpha=s)
+    w = materialize_weight(weight, x2.dtype)
+    y.addmm_(x2, w.t())
+    del w  # a dequantized weight is freed before the next one is made
     return y, xa
 
 
@@ -112,15 +143,33 @@ def project_backward(dy2, x2, xa, a, b, s, need_a, need_b, need_dxa):
     return da, db, dxa
 
 
-def accumulate_dx(dx, dy2, weight, dxa, a):
-    """``dx += dy2 @ W + dxa @ A`` (dx None: allocate); W is dequantized again here rather than kept from forward."""
-    w = materialize_weight(weight, dy2.dtype)
-    if dx is None:
-        dx = torch.mm(dy2, w)
+def lora_dx(rank_terms, base_terms) -> torch.Tensor:
+    """``dx = sum_i dxa_i @ A_i + sum_j dy_j @ W_j``: all rank-r terms first, as one thin matmul, then the base terms.
+
+    Why this order: a matmul with K = r (16, say) is memory-bound, and as ``dx.addmm_(dxa, A)`` after the base
+    matmuls it would read and rewrite all of dx (T x in) for almost no arithmetic. Written first, with the rank-r
+    terms of every projection concatenated along r, it is one write-only pass; each base matmul then accumulates
+    onto dx with beta=1 (``dx.addmm_(dy, W)``), whose read of dx happens in the epilogue of that compute-bound GEMM.
+
+    Args:
+        rank_terms: non-empty iterable of ``(dxa, A)`` pairs, dxa (T, r_i) already scaled by s_i, A (r_i, in).
+        base_terms: iterable of ``(dy, W)`` pairs, dy (T, out_j), W (out_j, in) dense or bitsandbytes 4-bit. Each
+            W is materialized (dequantized) right before its matmul and freed after it, so that one dequantized
+            weight is alive at a time; pass a generator or ``zip`` to keep it that way.
+
+    Returns:
+        dx: (T, in), contiguous, in dxa's dtype.
+    """
+    dxas, adapters = zip(*rank_terms, strict=True)
+    if len(dxas) == 1:
+        dx = torch.mm(dxas[0], adapters[0])
     else:
-        dx.addmm_(dy2, w)
-    del w
-    return dx.addmm_(dxa, a)
+        dx = torch.mm(torch.cat(dxas, dim=1), torch.cat(adapters, dim=0))
+    for dy, weight in base_terms:
+        w = materialize_weight(weight, dy.dtype)
+        dx.addmm_(dy, w)
+        del w
+    return dx
 
 
 def cast_grad(grad, dtype: torch.dtype):
@@ -147,7 +196,7 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         dy2 = dy.reshape(-1, dy.shape[-1])
         da, db, dxa = project_backward(dy2, x2, xa, a_, b_, ctx.s, need_a, need_b, need_x)
-        dx = accumulate_dx(None, dy2, ctx.weight, dxa, a_).reshape(ctx.x_shape) if need_x else None
+        dx = lora_dx([(dxa, a_)], [(dy2, ctx.weight)]).reshape(ctx.x_shape) if need_x else None
         return dx, cast_grad(da, ctx.a_dtype), cast_grad(db, ctx.b_dtype), None, None
 
 

@@ -14,6 +14,9 @@ Backward, with dh = dy @ Wd + s_d * (dy @ Bd) @ Ad:
 2. dA_d = (s_d dy @ Bd).T @ h; gate and up: dB = s dgate.T @ xa, dA = (s dgate @ B).T @ x; dx accumulates
    dgate @ Wg + dup @ Wu + the two adapter terms in one buffer.
 
+In every projection (and in dh and dx) the rank-r terms are written first by one thin matmul and the base matmuls
+accumulate onto them (:func:`swiftune_kernels.lora_linear.lora_dx` says why the order matters).
+
 float64 inputs (tests) run the same steps with the activation written in torch. Applies to peft LoRA layers with
 dropout 0, no bias and no DoRA.
 """
@@ -27,11 +30,11 @@ import triton.language as tl
 from swiftune_kernels.dispatch import use_triton
 from swiftune_kernels.gated_activation import _ACTIVATION_IDS, _activation_and_grad, gated_activation_forward
 from swiftune_kernels.lora_linear import (
-    accumulate_dx,
     autocast_input,
     cast_grad,
     check_input,
     check_projection,
+    lora_dx,
     project_backward,
     project_forward,
     weight_shape,
@@ -129,7 +132,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         # down: dA_d needs h, which the in-place pass below writes over dh, so take dxa_d for dh first
         db_now = need[6] and ha is not None
         grad_da, grad_db, dxa_d = project_backward(dy2, None, ha, da_, db_, d_s, False, db_now, True)
-        dh = accumulate_dx(None, dy2, d_w, dxa_d, da_)
+        dh = lora_dx([(dxa_d, da_)], [(dy2, d_w)])
         lora_mlp_act_backward(dh, gate, up, ctx.activation)
         h, dgate, dup = dh, gate, up
         if need[5]:
@@ -143,8 +146,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         ua_grad, ub_grad, dxa_u = project_backward(dup, x2, xa_u, ua, ub, u_s, need[3], need[4], need_x)
         dx = None
         if need_x:
-            dx = accumulate_dx(None, dgate, g_w, dxa_g, ga)
-            dx = accumulate_dx(dx, dup, u_w, dxa_u, ua).reshape(ctx.x_shape)
+            # both adapter terms in one thin matmul that writes dx, then the two base matmuls add onto it
+            dx = lora_dx([(dxa_g, ga), (dxa_u, ua)], [(dgate, g_w), (dup, u_w)]).reshape(ctx.x_shape)
         grads = (ga_grad, gb_grad, ua_grad, ub_grad, grad_da, grad_db)
         grads = tuple(cast_grad(g, dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True))
         return (dx, *grads, None, None, None, None, None, None, None, None)

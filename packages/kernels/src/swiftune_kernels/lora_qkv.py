@@ -4,7 +4,11 @@ peft wraps q_proj, k_proj and v_proj separately, so autograd saves the layer inp
 projection, plus each adapter's own copy of its input) and sums three dx. Here x is saved once, with the three
 (T, r) adapter intermediates, and dx is accumulated into a single buffer:
 
-    dx = dq @ Wq + dk @ Wk + dv @ Wv + dxa_q @ Aq + dxa_k @ Ak + dxa_v @ Av
+    dx = dxa_q @ Aq + dxa_k @ Ak + dxa_v @ Av + dq @ Wq + dk @ Wk + dv @ Wv
+
+in that order: the three rank-r terms are one thin matmul that writes dx, and the base matmuls accumulate onto it
+(:func:`swiftune_kernels.lora_linear.lora_dx` says why the order matters). Likewise in forward, each output is
+written first by its LoRA term and the base matmul adds onto it.
 
 Each base weight (dense, or bitsandbytes 4-bit dequantized on the fly by the Triton NF4 kernel) is frozen and gets
 no gradient. Same math as three :func:`swiftune_kernels.lora_linear.lora_linear` calls. Applies to peft LoRA layers
@@ -15,6 +19,7 @@ alive at a time); "fused" stacks the three adapters' A into one (sum r, hidden) 
 dxa @ A are one thin matmul each instead of three (each of the three reads or writes all of x or dx), and dequantizes
 4-bit bases into one (q_out + k_out + v_out, hidden) buffer used by one base matmul in forward (q, k, v are then
 column slices of one (tokens, q_out + k_out + v_out) output) and by the dx matmuls in backward, freed right after.
+In "fused", the three LoRA terms of the forward are one thin matmul, through a block-diagonal (sum out, sum r) B.
 """
 
 from __future__ import annotations
@@ -23,17 +28,16 @@ import torch
 
 from swiftune_kernels.dispatch import use_triton
 from swiftune_kernels.lora_linear import (
-    accumulate_dx,
     autocast_input,
     cast_grad,
     check_input,
     check_projection,
+    lora_dx,
     materialize_weight,
     project_backward,
     project_forward,
     weight_shape,
 )
-from swiftune_kernels.nf4 import dequantize_nf4
 from swiftune_kernels.reference import lora as _reference
 
 _NAMES = ("q", "k", "v")
@@ -50,11 +54,7 @@ def _stacked_weight(weights, dtype: torch.dtype, device) -> torch.Tensor:
     buffer = torch.empty(sum(s[0] for s in shapes), shapes[0][1], dtype=dtype, device=device)
     start = 0
     for w, (rows, _) in zip(weights, shapes, strict=True):
-        block = buffer[start : start + rows]
-        if _reference.is_quantized(w) and dtype in (torch.bfloat16, torch.float16, torch.float32):
-            dequantize_nf4(w.data, w.quant_state, dtype, out=block)
-        else:
-            block.copy_(materialize_weight(w, dtype))
+        materialize_weight(w, dtype, out=buffer[start : start + rows])
         start += rows
     return buffer
 
@@ -70,16 +70,20 @@ def _fused_forward(ctx, x2, adapters, weights, scales):
     outs_n = [weight_shape(w)[0] for w in weights]
     cols, ranks = _bounds(outs_n), _bounds([a.shape[0] for a, _ in adapters])
     stack = CONFIG["dense_concat"] or any(_reference.is_quantized(w) for w in weights)
+    # The three LoRA terms first, each a write-only thin matmul into its columns of y (beta=0: the fresh y is not
+    # read; alpha=s: no scaling pass); the base matmuls then accumulate onto y with beta=1, reading y in their
+    # epilogue (see lora_linear.lora_dx). A column slice of the row-major y is a valid GEMM output (unit column
+    # stride, ldc = y's row stride): the matmuls write straight into y.
+    y = x2.new_empty(x2.shape[0], sum(outs_n))
+    for (_, b), s, col, rank in zip(adapters, scales, cols, ranks, strict=True):
+        y[:, col].addmm_(xa[:, rank], b.t(), beta=0, alpha=s)
     if stack:
         w_cat = _stacked_weight(weights, x2.dtype, x2.device)
-        y = torch.mm(x2, w_cat.t())
+        y.addmm_(x2, w_cat.t())
         del w_cat
     else:
-        y = torch.empty(x2.shape[0], sum(outs_n), dtype=x2.dtype, device=x2.device)
         for w, col in zip(weights, cols, strict=True):
-            torch.mm(x2, materialize_weight(w, x2.dtype).t(), out=y[:, col])
-    for (_, b), s, col, rank in zip(adapters, scales, cols, ranks, strict=True):
-        y[:, col].addmm_(xa[:, rank], b.t(), alpha=s)
+            y[:, col].addmm_(x2, materialize_weight(w, x2.dtype).t())
     ctx.save_for_backward(x2, xa, a_cat, *(b for _, b in adapters))
     ctx.cols, ctx.ranks, ctx.stack = cols, ranks, stack
     return [y[:, col] for col in cols]
@@ -103,19 +107,18 @@ def _fused_backward(ctx, dys):
     das = [da_cat[rank] if na else None for rank, na in zip(ctx.ranks, need[0::2], strict=True)]
     dx = None
     if need_x:
+        # dx = dxa @ a_cat first (one thin write-only matmul), then the base term(s) accumulate onto it
         if ctx.stack:
             w_cat = _stacked_weight(ctx.weights, x2.dtype, x2.device)
             if CONFIG["dy_concat"]:
-                dx = torch.mm(torch.cat(dys, dim=1), w_cat)
+                base = [(torch.cat(dys, dim=1), w_cat)]
             else:
-                for dy, col in zip(dys, ctx.cols, strict=True):
-                    dx = torch.mm(dy, w_cat[col]) if dx is None else dx.addmm_(dy, w_cat[col])
-            del w_cat
+                base = [(dy, w_cat[col]) for dy, col in zip(dys, ctx.cols, strict=True)]
+            dx = lora_dx([(dxa, a_cat)], base)
+            del w_cat, base
         else:
-            for dy, w in zip(dys, ctx.weights, strict=True):
-                w_ = materialize_weight(w, dy.dtype)
-                dx = torch.mm(dy, w_) if dx is None else dx.addmm_(dy, w_)
-        dx = dx.addmm_(dxa, a_cat).reshape(ctx.x_shape)
+            dx = lora_dx([(dxa, a_cat)], zip(dys, ctx.weights, strict=True))
+        dx = dx.reshape(ctx.x_shape)
     grads = []
     for i in range(3):
         grads += [cast_grad(das[i], ctx.dtypes[2 * i]), cast_grad(dbs[i], ctx.dtypes[2 * i + 1])]
@@ -151,16 +154,17 @@ class LoRAQKVFunction(torch.autograd.Function):
         x2, *rest = ctx.saved_tensors
         xas, ab = rest[:3], rest[3:]
         need_x = ctx.needs_input_grad[0]
-        grads, dx = [], None
+        grads, rank_terms, dys = [], [], []
         for i, dy in enumerate((dq, dk, dv)):
             a_, b_ = ab[2 * i], ab[2 * i + 1]
             need_a, need_b = ctx.needs_input_grad[1 + 2 * i], ctx.needs_input_grad[2 + 2 * i]
             dy2 = dy.reshape(-1, dy.shape[-1])
             da, db, dxa = project_backward(dy2, x2, xas[i], a_, b_, ctx.scales[i], need_a, need_b, need_x)
-            if need_x:
-                dx = accumulate_dx(dx, dy2, ctx.weights[i], dxa, a_)
+            rank_terms.append((dxa, a_))
+            dys.append(dy2)
             grads += [cast_grad(da, ctx.dtypes[2 * i]), cast_grad(db, ctx.dtypes[2 * i + 1])]
-        dx = dx.reshape(ctx.x_shape) if need_x else None
+        # the three rank-r terms in one thin matmul that writes dx, then the three base matmuls, one weight at a time
+        dx = lora_dx(rank_terms, zip(dys, ctx.weights, strict=True)).reshape(ctx.x_shape) if need_x else None
         return (dx, *grads, None, None, None, None, None, None, None)
 
 

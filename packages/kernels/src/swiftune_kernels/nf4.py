@@ -282,6 +282,21 @@ def _check(packed: torch.Tensor, quant_state, out_dtype: torch.dtype) -> torch.T
     return packed.contiguous()
 
 
+def dequantize_nf4_checked(packed: torch.Tensor, quant_state, out_dtype: torch.dtype) -> None:
+    """Raise the errors :func:`dequantize_nf4` would raise for these arguments, without dequantizing."""
+    _check(packed, quant_state, out_dtype)
+
+
+def dequantize_nf4_trusted(
+    packed: torch.Tensor, quant_state, out_dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`dequantize_nf4` on the Triton path without its argument checks, for arguments that already passed
+    them (:func:`dequantize_nf4_checked`): the fused LoRA functions dequantize each weight several times a step."""
+    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may be another dtype over the same bytes
+        packed = packed.contiguous().reshape(-1).view(torch.uint8)
+    return dequantize_nf4_forward(packed, quant_state, out_dtype, out=out)
+
+
 def dequantize_nf4(
     packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:

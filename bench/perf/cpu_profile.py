@@ -1,0 +1,56 @@
+"""Where the CPU time of a training step goes (cProfile over a few steps after warm-up), for steps that the CPU
+bounds (see idle_profile.py): the top functions by own time and by cumulative time.
+
+    python bench/perf/cpu_profile.py --shape 8b --quant nf4 --point 2x2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--system", default="swiftune")
+    parser.add_argument("--shape", default="8b")
+    parser.add_argument("--quant", choices=("bf16", "nf4"), default="nf4")
+    parser.add_argument("--point", default="2x2048")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=35)
+    args = parser.parse_args()
+    import idle_profile
+    import train_one
+    from common import model_folder, optimizer_for, random_batch
+
+    train_one.CHECKPOINTING.update(mode=None, no_skip=False)
+    folder = model_folder(args.shape, os.environ.get("SWIFTUNE_BENCH_MODELS", "/tmp/swiftune-bench-models"))
+    model, loss_of = train_one.build(args.system, folder, args.quant == "nf4", 131072)
+    optimizer = optimizer_for(model)
+    batch_size, seq = (int(v) for v in args.point.split("x"))
+    batch = random_batch(train_one._inner(model).config.vocab_size, batch_size, seq)
+    idle_profile.issue_times(loss_of, model, optimizer, batch, 3)
+    issue, wall = idle_profile.issue_times(loss_of, model, optimizer, batch, 3)
+    print(f"unprofiled: CPU issue {issue * 1e3:.1f} ms, wall {wall * 1e3:.1f} ms a step", flush=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    idle_profile.issue_times(loss_of, model, optimizer, batch, args.steps)
+    profiler.disable()
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(args.top)
+        lines = [line for line in text.getvalue().splitlines() if line.strip()]
+        start = next(i for i, line in enumerate(lines) if "ncalls" in line)
+        print(f"--- by {key}, {args.steps} steps")
+        print("\n".join(line[:150] for line in lines[start : start + args.top + 1]))
+
+
+if __name__ == "__main__":
+    main()

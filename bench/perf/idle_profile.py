@@ -1,0 +1,114 @@
+"""Where the GPU waits: one system's training step, how long the CPU takes to issue it, and the gaps in the GPU's
+compute stream (from a torch profiler trace), with the kernels on either side of the largest gaps.
+
+    python bench/perf/idle_profile.py --system swiftune --shape 8b --quant nf4 --point 2x2048
+
+A step whose CPU issue time is close to its wall time is bound by the CPU (Python, autograd, launches), and then
+faster kernels do not make it faster. Prints one RESULT line and a short table; the trace goes to $OUT when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def issue_times(loss_of, model, optimizer, batch, steps: int) -> tuple[float, float]:
+    """Median (CPU issue seconds, wall seconds) of ``steps`` optimizer steps."""
+    import statistics
+
+    import torch
+
+    issue, wall = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            loss = loss_of(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        issue.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        wall.append(time.perf_counter() - start)
+    return statistics.median(issue), statistics.median(wall)
+
+
+def stream_gaps(trace: dict, top: int) -> dict:
+    """Busy and idle time of the stream with the most kernel time, and its ``top`` largest gaps."""
+    kernels = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy")]
+    by_stream: dict = {}
+    for e in kernels:
+        by_stream.setdefault(e["args"].get("stream"), []).append(e)
+    stream, events = max(by_stream.items(), key=lambda kv: sum(e["dur"] for e in kv[1]))
+    events.sort(key=lambda e: e["ts"])
+    gaps, busy = [], 0.0
+    for before, after in zip(events, events[1:], strict=False):
+        busy += before["dur"]
+        gap = after["ts"] - (before["ts"] + before["dur"])
+        if gap > 0:
+            gaps.append((gap, before["name"][:60], after["name"][:60], before["ts"] - events[0]["ts"]))
+    busy += events[-1]["dur"]
+    span = events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"]
+    gaps.sort(reverse=True)
+    small = sum(g for g, *_ in gaps if g < 20)
+    return {
+        "stream": stream,
+        "span_ms": span / 1e3,
+        "busy_ms": busy / 1e3,
+        "idle_ms": (span - busy) / 1e3,
+        "idle_in_gaps_under_20us_ms": small / 1e3,
+        "gaps": [{"us": round(g), "at_ms": round(t / 1e3, 1), "after": b, "before": a} for g, b, a, t in gaps[:top]],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--system", default="swiftune")
+    parser.add_argument("--shape", default="8b")
+    parser.add_argument("--quant", choices=("bf16", "nf4"), default="nf4")
+    parser.add_argument("--point", default="2x2048")
+    parser.add_argument("--checkpointing", default=None)
+    parser.add_argument("--gaps", type=int, default=12)
+    args = parser.parse_args()
+    import train_one
+    from common import model_folder, optimizer_for, random_batch
+    from torch.profiler import ProfilerActivity, profile
+
+    train_one.CHECKPOINTING.update(mode=train_one._checkpoint_mode(args.checkpointing), no_skip=False)
+    folder = model_folder(args.shape, os.environ.get("SWIFTUNE_BENCH_MODELS", "/tmp/swiftune-bench-models"))
+    model, loss_of = train_one.build(args.system, folder, args.quant == "nf4", 131072)
+    optimizer = optimizer_for(model)
+    batch_size, seq = (int(v) for v in args.point.split("x"))
+    batch = random_batch(train_one._inner(model).config.vocab_size, batch_size, seq)
+    issue_times(loss_of, model, optimizer, batch, 3)  # warm-up
+    issue, wall = issue_times(loss_of, model, optimizer, batch, 5)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        issue_times(loss_of, model, optimizer, batch, 1)
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"trace-{args.system}-{args.shape}-{args.quant}.json"
+    prof.export_chrome_trace(str(path))
+    gaps = stream_gaps(json.loads(path.read_text()), args.gaps)
+    path.unlink()  # large; the summary is what comes back
+    result = {"system": args.system, "shape": args.shape, "quant": args.quant, "point": args.point}
+    result.update(issue_ms=round(issue * 1e3, 1), wall_ms=round(wall * 1e3, 1), **gaps)
+    print("RESULT " + json.dumps(result), flush=True)
+    print(
+        f"{args.system} {args.shape} {args.quant} {args.point}: wall {wall * 1e3:.1f} ms,"
+        f" CPU issue {issue * 1e3:.1f} ms;"
+        f" compute stream busy {gaps['busy_ms']:.1f} of {gaps['span_ms']:.1f} ms (idle {gaps['idle_ms']:.1f}, of it"
+        f" {gaps['idle_in_gaps_under_20us_ms']:.1f} in gaps under 20 us)"
+    )
+    for g in gaps["gaps"]:
+        print(f"  {g['us']:>7} us at {g['at_ms']:>7.1f} ms  after {g['after']}  before {g['before']}")
+
+
+if __name__ == "__main__":
+    main()
