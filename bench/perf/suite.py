@@ -186,7 +186,8 @@ def run_call(name: str, runs: list[dict], profile: bool, out_dir: Path) -> list[
             results.append(json.loads(line[len("RESULT ") :]))
             print(line, flush=True)
         for line in output.splitlines():
-            if line.startswith(("note:", "built", "top kernels", "GPU kernels")) or "Self CUDA" in line or line.startswith(" "):
+            shown = line.startswith(("note:", "built", "top kernels", "GPU kernels")) or "Self CUDA" in line
+            if shown or line.startswith(" "):
                 if profile or not line.startswith(" "):
                     print("   " + line)
         if not lines:
@@ -200,7 +201,8 @@ def run_call(name: str, runs: list[dict], profile: bool, out_dir: Path) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("call", choices=("call1", "call2", "call3", "call4", "call5", "call6", "ab1b", "ab8b", "final1b", "final8b", "curve", "ctx"))
+    names = ("call1", "call2", "call3", "call4", "call5", "call6", "ab1b", "ab8b", "final1b", "final8b", "curve", "ctx")
+    parser.add_argument("call", choices=names)
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, every call's logic")
     parser.add_argument("--profile", action="store_true", help="top-15 CUDA kernels of the swiftune runs")
     parser.add_argument("--shapes-extra", action="store_true", help="call4: Qwen2.5-7B and Gemma-2-9B shapes")
