@@ -204,3 +204,16 @@ def test_pair_table_cache_follows_the_code_table(device):
     state.code.mul_(2.0)  # same tensor, new values (its version counter moves)
     second = dequantize_nf4_forward(packed, state, torch.float32, **config)
     assert torch.equal(second, 2.0 * first)
+
+
+def test_prepared_launch_follows_new_packed_data(device):
+    """The launch prepared for a weight is reused across calls, but new packed bytes under the same quant_state (a
+    weight moved or reloaded) are read, not the bytes the first launch was prepared with."""
+    weight = torch.randn(8, 64, device=device, dtype=torch.bfloat16)
+    packed, state = reference.quantize_nf4(weight, 64)
+    first = dequantize_nf4_forward(packed, state, torch.float32)
+    assert torch.equal(dequantize_nf4_forward(packed, state, torch.float32), first)
+    other = (packed ^ 0x11).clone()  # every index changes; same shape, same scales
+    assert torch.equal(
+        dequantize_nf4_forward(other, state, torch.float32), reference.dequantize_nf4(other, state, torch.float32)
+    )

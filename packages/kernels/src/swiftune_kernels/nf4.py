@@ -199,16 +199,38 @@ def dequantize_nf4_forward(
 ) -> torch.Tensor:
     """Launch the dequantization of ``packed`` into ``out`` (contiguous, ``quant_state.shape``; new if None).
 
-    ``config`` overrides entries of :data:`CONFIG` (the benchmarks' sweep).
+    ``config`` overrides entries of :data:`CONFIG` (the benchmarks' sweep). The launch's arguments other than
+    ``out`` depend only on the weight, so they are prepared once per weight (:func:`_launch_plan`) and reused.
     """
-    config = {**CONFIG, **config}
     shape = tuple(quant_state.shape)
-    numel = math.prod(shape)
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=packed.device)
-    assert out.is_contiguous() and out.numel() == numel and out.dtype == out_dtype
+    numel = out.numel()
+    assert out.is_contiguous() and numel == math.prod(shape) and out.dtype == out_dtype
     if numel == 0:
         return out
+    kernel, grid, before_out, after_out, options = _launch_plan(packed, quant_state, out_dtype, config)
+    kernel[grid](*before_out, out, *after_out, **options)
+    return out
+
+
+# Prepared launches are kept on the quant_state itself, under this attribute, by (packed data pointer, out dtype,
+# config): building one takes ~10 small torch calls (views, casts, the code's pair table), and a training step
+# dequantizes each weight 2-3 times, so at small batches (where the CPU bounds the step) this is most of a
+# launch's CPU time. Kept there, a plan lives exactly as long as its weight's quant_state.
+_PLAN_ATTRIBUTE = "_swiftune_nf4_plans"
+
+
+def _launch_plan(packed: torch.Tensor, quant_state, out_dtype: torch.dtype, config: dict) -> tuple:
+    """(kernel, grid, arguments before ``out``, arguments after it, keyword options) of one weight's launch."""
+    # The versions: a plan holds tables derived from the code and scales, which an in-place change must refresh.
+    versions = (quant_state.code._version, quant_state.absmax._version)
+    key = (packed.data_ptr(), out_dtype, tuple(sorted(config.items())), versions)
+    plans = getattr(quant_state, _PLAN_ATTRIBUTE, None)
+    if plans is not None and key in plans:
+        return plans[key]
+    config = {**CONFIG, **config}
+    numel = math.prod(tuple(quant_state.shape))
     blocksize = int(quant_state.blocksize)
     n_blocks = _cdiv(numel, blocksize)
     absmax = quant_state.absmax.reshape(-1)
@@ -220,7 +242,6 @@ def dequantize_nf4_forward(
         code2, absmax2, blocksize2, offset = absmax, absmax, 1, absmax
         absmax = absmax.float()
     code = quant_state.code.float()
-    pointers = (packed.reshape(-1), code, absmax, code2, absmax2, offset, out, numel, n_blocks)
     round_bf16 = out_dtype == torch.bfloat16 and (config["hand_round"] or not packed.is_cuda)
     nested = bool(quant_state.nested)
     if config["kernel"] == "bytes" and blocksize % 2 == 0:
@@ -232,21 +253,36 @@ def dequantize_nf4_forward(
         unit_bytes = 4 if words else 1
         units = max(1, config["bytes_per_program"] // unit_bytes)
         code_table = _pair_table(code) if config["lut"] == "pair" else code
-        _nf4_dequantize_bytes_kernel[(_cdiv(n_bytes // unit_bytes, units),)](
-            flat.view(torch.int32) if words else flat, code_table, *pointers[2:], n_bytes // unit_bytes,
-            PACKED_PER_BLOCK=blocksize // (2 * unit_bytes), BLOCKSIZE2=blocksize2, UNITS_PER_PROGRAM=units,
-            PER_UNIT=8 if words else 2, NESTED=nested, ROUND_BF16=round_bf16, LUT=config["lut"], WORDS=words,
-            num_warps=config["num_warps"],
-            enable_fp_fusion=False,
+        plan = (
+            _nf4_dequantize_bytes_kernel,
+            (_cdiv(n_bytes // unit_bytes, units),),
+            (flat.view(torch.int32) if words else flat, code_table, absmax, code2, absmax2, offset),
+            (numel, n_blocks, n_bytes // unit_bytes),
+            dict(
+                PACKED_PER_BLOCK=blocksize // (2 * unit_bytes), BLOCKSIZE2=blocksize2, UNITS_PER_PROGRAM=units,
+                PER_UNIT=8 if words else 2, NESTED=nested, ROUND_BF16=round_bf16, LUT=config["lut"], WORDS=words,
+                num_warps=config["num_warps"], enable_fp_fusion=False,
+            ),
         )  # fmt: skip
-        return out
-    block_cols = _next_power_of_2(blocksize)
-    per_program = max(1, _TILE_ELEMENTS // block_cols)
-    _nf4_dequantize_kernel[(_cdiv(n_blocks, per_program),)](
-        *pointers, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=per_program,
-        NESTED=nested, ROUND_BF16=round_bf16, num_warps=8, enable_fp_fusion=False,
-    )  # fmt: skip
-    return out
+    else:
+        block_cols = _next_power_of_2(blocksize)
+        per_program = max(1, _TILE_ELEMENTS // block_cols)
+        plan = (
+            _nf4_dequantize_kernel,
+            (_cdiv(n_blocks, per_program),),
+            (packed.reshape(-1), code, absmax, code2, absmax2, offset),
+            (numel, n_blocks),
+            dict(
+                BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=per_program,
+                NESTED=nested, ROUND_BF16=round_bf16, num_warps=8, enable_fp_fusion=False,
+            ),
+        )  # fmt: skip
+    try:
+        # one plan per weight in practice; a new data pointer (the weight moved) replaces the old plans
+        setattr(quant_state, _PLAN_ATTRIBUTE, {key: plan})
+    except AttributeError:  # a quant_state that takes no new attributes: prepared on every call
+        pass
+    return plan
 
 
 def _check(packed: torch.Tensor, quant_state, out_dtype: torch.dtype) -> torch.Tensor:
