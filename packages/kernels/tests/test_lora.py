@@ -445,3 +445,29 @@ def test_a_4bit_weight_is_checked_again_when_its_quant_state_is_replaced(device)
     weight.quant_state = broken
     with pytest.raises(ValueError, match="absmax"):
         materialize_weight(weight, torch.float32)
+
+
+def test_recompute_reuses_the_forward_cast_of_an_adapter_unless_it_changed():
+    """A checkpointed layer casts each fp32 adapter to the compute dtype in forward; its recompute takes that cast
+    back instead of casting again, but not after the adapter changed in place (an optimizer step in between)."""
+    from swiftune_kernels.lora_linear import adapter_operand
+    from swiftune_kernels.offloaded_checkpoint import _RECOMPUTING_LAYER
+
+    a = torch.randn(RANK, HIDDEN)
+
+    def recompute_cast():
+        token = _RECOMPUTING_LAYER.set(True)
+        try:
+            return adapter_operand(a, torch.bfloat16)
+        finally:
+            _RECOMPUTING_LAYER.reset(token)
+
+    forward_cast = adapter_operand(a, torch.bfloat16)
+    assert recompute_cast() is forward_cast  # the same tensor: no second cast
+    assert recompute_cast() is not forward_cast  # taken once: a second recompute casts afresh
+    adapter_operand(a, torch.bfloat16)
+    with torch.no_grad():
+        a.add_(1.0)  # in place, as an optimizer step: the version counter moves
+    again = recompute_cast()
+    assert torch.equal(again, a.to(torch.bfloat16))
+    assert adapter_operand(a.to(torch.bfloat16), torch.bfloat16).dtype == torch.bfloat16  # same dtype: no cast

@@ -26,6 +26,7 @@ import torch
 
 from swiftune_kernels.dispatch import check_same_device, use_triton
 from swiftune_kernels.nf4 import dequantize_nf4, dequantize_nf4_checked, dequantize_nf4_trusted
+from swiftune_kernels.offloaded_checkpoint import recomputing_for_backward
 from swiftune_kernels.reference import lora as _reference
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -64,6 +65,8 @@ def check_projection(prefix: str, x: torch.Tensor, weight, a: torch.Tensor, b: t
 
     ``prefix`` names the projection in messages: ``"gate_"`` gives ``gate_w``, ``gate_a``...; ``""`` gives ``w``.
     """
+    if recomputing_for_backward():  # a checkpointed layer's recompute: its forward checked these same arguments
+        return
     quantized = _reference.is_quantized(weight)
     if not quantized and not isinstance(weight, torch.Tensor):
         raise TypeError(f"{prefix}w must be a tensor or a bitsandbytes 4-bit weight, got {type(weight).__name__}.")
@@ -137,8 +140,9 @@ def project_forward(x2, weight, a, b, s):
 
 def project_backward(dy2, x2, xa, a, b, s, need_a, need_b, need_dxa):
     """``(dA, dB, dxa)`` of one projection, each None when not needed; dy2 (T, out), x2 (T, in), xa (T, r)."""
-    dxa = torch.mm(dy2, b).mul_(s) if (need_a or need_dxa) else None
-    db = torch.mm(dy2.t(), xa).mul_(s) if need_b else None
+    # beta=0 into fresh tensors, alpha=s: the scale costs no launch of its own
+    dxa = dy2.new_empty(dy2.shape[0], b.shape[1]).addmm_(dy2, b, beta=0, alpha=s) if (need_a or need_dxa) else None
+    db = xa.new_empty(dy2.shape[1], xa.shape[1]).addmm_(dy2.t(), xa, beta=0, alpha=s) if need_b else None
     da = torch.mm(dxa.t(), x2) if need_a else None
     return da, db, dxa
 
@@ -172,6 +176,32 @@ def lora_dx(rank_terms, base_terms) -> torch.Tensor:
     return dx
 
 
+# Adapter casts made by a forward, by tensor id: (weakref, version, the cast). The recompute of a checkpointed layer
+# takes its cast from here instead of casting again (same tensor, same version: the same values), and drops it.
+_CASTS: dict[int, tuple] = {}
+
+
+def adapter_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The adapter weight ``t`` in the compute ``dtype``. A forward's cast is kept until the recompute of the same
+    layer for backward (:func:`swiftune_kernels.recomputing_for_backward`) takes it, if ``t`` has not changed in
+    between (its version counter), so that a checkpointed step casts each adapter once, not twice."""
+    if t.dtype == dtype:
+        return t
+    if recomputing_for_backward():
+        hit = _CASTS.pop(id(t), None)
+        if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2].dtype == dtype:
+            return hit[2]
+        return t.to(dtype)
+    cast = t.to(dtype)
+    if len(_CASTS) >= 65536:  # a bound, for layers never recomputed (they leave their casts here until replaced)
+        _CASTS.clear()
+    try:
+        _CASTS[id(t)] = (weakref.ref(t), t._version, cast)
+    except TypeError:
+        pass
+    return cast
+
+
 def cast_grad(grad, dtype: torch.dtype):
     """An adapter's gradient in the adapter's own dtype (the matmuls ran in x's dtype)."""
     return None if grad is None else grad.to(dtype)
@@ -183,7 +213,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, weight, s):
         x2 = x.reshape(-1, x.shape[-1])
-        a_, b_ = a.to(x.dtype), b.to(x.dtype)
+        a_, b_ = adapter_operand(a, x.dtype), adapter_operand(b, x.dtype)
         y, xa = project_forward(x2, weight, a_, b_, s)
         ctx.save_for_backward(x2, xa, a_, b_)
         ctx.weight, ctx.s, ctx.x_shape = weight, s, x.shape

@@ -30,6 +30,7 @@ import triton.language as tl
 from swiftune_kernels.dispatch import use_triton
 from swiftune_kernels.gated_activation import _ACTIVATION_IDS, _activation_and_grad, gated_activation_forward
 from swiftune_kernels.lora_linear import (
+    adapter_operand,
     autocast_input,
     cast_grad,
     check_input,
@@ -98,7 +99,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g_a, g_b, u_a, u_b, d_a, d_b, g_w, u_w, d_w, g_s, u_s, d_s, activation, output_needed):
         x2 = x.reshape(-1, x.shape[-1])
-        cast = [t.to(x.dtype) for t in (g_a, g_b, u_a, u_b, d_a, d_b)]
+        cast = [adapter_operand(t, x.dtype) for t in (g_a, g_b, u_a, u_b, d_a, d_b)]
         gate, xa_g = project_forward(x2, g_w, cast[0], cast[1], g_s)
         up, xa_u = project_forward(x2, u_w, cast[2], cast[3], u_s)
         if output_needed:
@@ -138,7 +139,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         if need[5]:
             grad_da = torch.mm(dxa_d.t(), h)
         if need[6] and ha is None:  # a forward that skipped the down projection: its intermediate, from h now
-            grad_db = torch.mm(dy2.t(), torch.mm(h, da_.t())).mul_(d_s)
+            grad_db = db_.new_empty(db_.shape).addmm_(dy2.t(), torch.mm(h, da_.t()), beta=0, alpha=d_s)
         del h, dh
 
         need_x = need[0]

@@ -28,6 +28,7 @@ import torch
 
 from swiftune_kernels.dispatch import use_triton
 from swiftune_kernels.lora_linear import (
+    adapter_operand,
     autocast_input,
     cast_grad,
     check_input,
@@ -98,9 +99,9 @@ def _fused_backward(ctx, dys):
     if need_a or need_x:
         dxa = torch.empty(x2.shape[0], a_cat.shape[0], dtype=x2.dtype, device=x2.device)
         for dy, b, s, rank in zip(dys, bs, ctx.scales, ctx.ranks, strict=True):
-            torch.mm(dy, b, out=dxa[:, rank]).mul_(s)
+            dxa[:, rank].addmm_(dy, b, beta=0, alpha=s)
     dbs = [
-        torch.mm(dy.t(), xa[:, rank]).mul_(s) if nb else None
+        xa.new_empty(dy.shape[1], rank.stop - rank.start).addmm_(dy.t(), xa[:, rank], beta=0, alpha=s) if nb else None
         for dy, s, rank, nb in zip(dys, ctx.scales, ctx.ranks, need_b, strict=True)
     ]
     da_cat = torch.mm(dxa.t(), x2) if need_a else None
@@ -131,7 +132,9 @@ class LoRAQKVFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q_a, q_b, k_a, k_b, v_a, v_b, q_w, k_w, v_w, q_s, k_s, v_s, variant="separate"):
         x2 = x.reshape(-1, x.shape[-1])
-        adapters = [(a.to(x.dtype), b.to(x.dtype)) for a, b in ((q_a, q_b), (k_a, k_b), (v_a, v_b))]
+        adapters = [
+            (adapter_operand(a, x.dtype), adapter_operand(b, x.dtype)) for a, b in ((q_a, q_b), (k_a, k_b), (v_a, v_b))
+        ]
         ctx.weights, ctx.scales, ctx.x_shape = (q_w, k_w, v_w), (q_s, k_s, v_s), x.shape
         ctx.dtypes = tuple(t.dtype for t in (q_a, q_b, k_a, k_b, v_a, v_b))
         ctx.variant = variant
