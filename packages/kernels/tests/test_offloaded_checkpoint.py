@@ -554,3 +554,36 @@ def test_per_layer_modes_keep_or_drop_activations_with_identical_gradients():
     with pytest.raises(ValueError, match="mode must be one of"):
         handle.set_modes(["none", "sometimes"])
     handle.revert()
+
+
+class Adaptable(nn.Module):
+    """A layer whose forward uses an adapter when one has been attached (as peft does after wrapping)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(6, 6)
+
+    def forward(self, x):
+        y = self.base(x)
+        adapter = getattr(self, "adapter", None)
+        return y if adapter is None else y + adapter(x)
+
+
+def test_parameters_added_or_unfrozen_after_wrapping_get_gradients():
+    """The wrapper walks a layer's parameters once, but an adapter attached later, or a parameter unfrozen later,
+    still gets its gradient (and a frozen one none)."""
+    torch.manual_seed(0)
+    layer = Adaptable()
+    layer.base.weight.requires_grad_(False)
+    x = torch.randn(3, 6)
+    with apply_offloaded_checkpointing([layer], policy="recompute"):
+        layer(x).sum().backward()
+        assert layer.base.weight.grad is None and layer.base.bias.grad is not None
+        layer.adapter = nn.Linear(6, 6, bias=False)  # attached after the wrapper first ran
+        layer.base.bias.grad = None
+        layer(x).sum().backward()
+        expected = torch.autograd.grad(Adaptable.forward(layer, x).sum(), layer.adapter.weight)[0]
+        torch.testing.assert_close(layer.adapter.weight.grad, expected)
+        layer.base.weight.requires_grad_(True)  # unfrozen later
+        layer(x).sum().backward()
+        assert layer.base.weight.grad is not None

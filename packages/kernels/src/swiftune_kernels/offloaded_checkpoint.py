@@ -401,6 +401,25 @@ def _checkpoint(layer_fn, params, hidden_states, args, kwargs, offload, preserve
 # --- wrapping decoder layers ---------------------------------------------------------------------------------
 
 
+# Bumped whenever a module or parameter is registered on any module (adapters added, weights replaced), so that a
+# layer's parameter list, walked once, is walked again only after such a change. The hooks are global and installed
+# on the first use of apply_offloaded_checkpointing, not at import.
+_STRUCTURE = {"generation": 0, "hooked": False}
+
+
+def _bump_generation(*_args) -> None:
+    _STRUCTURE["generation"] += 1
+
+
+def _watch_structure() -> None:
+    if not _STRUCTURE["hooked"]:
+        from torch.nn.modules import module as module_hooks
+
+        module_hooks.register_module_module_registration_hook(_bump_generation)
+        module_hooks.register_module_parameter_registration_hook(_bump_generation)
+        _STRUCTURE["hooked"] = True
+
+
 class _CheckpointedForward:
     """Stands in for ``module.forward`` (an instance attribute): checkpoints the original bound forward."""
 
@@ -412,6 +431,16 @@ class _CheckpointedForward:
         self.offload = {"auto": None, "offload": True, "recompute": False}[policy]
         self.checkpoint = True  # False: the layer runs as is and keeps its activations (a memory plan's choice)
         self.preserve_rng_state = preserve_rng_state
+        self._parameters_seen: tuple[int, list[nn.Parameter]] | None = None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The layer's parameters that require grad now. The walk over its modules (hundreds with peft's wrappers, a
+        measurable share of a step's CPU time) is redone only after a module or parameter was registered anywhere;
+        requires_grad is read on every call, so freezing or unfreezing takes effect at once."""
+        generation = _STRUCTURE["generation"]
+        if self._parameters_seen is None or self._parameters_seen[0] != generation:
+            self._parameters_seen = (generation, list(self.parameters()))
+        return [p for p in self._parameters_seen[1] if p.requires_grad]
 
     def set_mode(self, mode: str) -> None:
         """``"none"`` (keep activations), or checkpoint with ``"auto"``, ``"offload"`` or ``"recompute"``."""
@@ -430,7 +459,7 @@ class _CheckpointedForward:
             raise TypeError(f"{self.module_name} was called without hidden_states (first positional argument).")
         if not torch.is_grad_enabled() or not self.checkpoint:
             return self.forward(hidden_states, *args, **kwargs)
-        params = [p for p in self.parameters() if p.requires_grad]  # read per call: LoRA may be added later
+        params = self.trainable_parameters()
         if isinstance(hidden_states, torch.Tensor) and (hidden_states.requires_grad or params):
             dropped = [k for k in _CACHE_KWARGS if kwargs.get(k) is not None and kwargs.get(k) is not False]
             if dropped:
@@ -524,6 +553,7 @@ def apply_offloaded_checkpointing(
                 f"{type(layer).__name__} has transformers' gradient checkpointing on; call "
                 "model.gradient_checkpointing_disable() first (offloaded checkpointing replaces it)."
             )
+    _watch_structure()
     entries = []
     for layer in layers:
         previous = layer.__dict__.get("forward")  # accelerate and others set an instance forward too
