@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
 import sys
 from pathlib import Path
@@ -27,15 +26,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=35)
     args = parser.parse_args()
     import idle_profile
-    import train_one
-    from common import model_folder, optimizer_for, random_batch
 
-    train_one.CHECKPOINTING.update(mode=None, no_skip=False)
-    folder = model_folder(args.shape, os.environ.get("SWIFTUNE_BENCH_MODELS", "/tmp/swiftune-bench-models"))
-    model, loss_of = train_one.build(args.system, folder, args.quant == "nf4", 131072)
-    optimizer = optimizer_for(model)
-    batch_size, seq = (int(v) for v in args.point.split("x"))
-    batch = random_batch(train_one._inner(model).config.vocab_size, batch_size, seq)
+    args.checkpointing = None
+    model, loss_of, optimizer, batch = idle_profile.setup(args)
     idle_profile.issue_times(loss_of, model, optimizer, batch, 3)
     issue, wall = idle_profile.issue_times(loss_of, model, optimizer, batch, 3)
     print(f"unprofiled: CPU issue {issue * 1e3:.1f} ms, wall {wall * 1e3:.1f} ms a step", flush=True)

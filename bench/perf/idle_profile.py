@@ -68,6 +68,19 @@ def stream_gaps(trace: dict, top: int) -> dict:
     }
 
 
+def setup(args) -> tuple:
+    """(model, loss_of, optimizer, batch) of ``args.system`` on the saved random model of ``args.shape``."""
+    import train_one
+    from common import model_folder, optimizer_for, random_batch
+
+    train_one.CHECKPOINTING.update(mode=train_one._checkpoint_mode(args.checkpointing), no_skip=False)
+    folder = model_folder(args.shape, os.environ.get("SWIFTUNE_BENCH_MODELS", "/tmp/swiftune-bench-models"))
+    model, loss_of = train_one.build(args.system, folder, args.quant == "nf4", 131072)
+    batch_size, seq = (int(v) for v in args.point.split("x"))
+    batch = random_batch(train_one._inner(model).config.vocab_size, batch_size, seq)
+    return model, loss_of, optimizer_for(model), batch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--system", default="swiftune")
@@ -77,16 +90,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", default=None)
     parser.add_argument("--gaps", type=int, default=12)
     args = parser.parse_args()
-    import train_one
-    from common import model_folder, optimizer_for, random_batch
     from torch.profiler import ProfilerActivity, profile
 
-    train_one.CHECKPOINTING.update(mode=train_one._checkpoint_mode(args.checkpointing), no_skip=False)
-    folder = model_folder(args.shape, os.environ.get("SWIFTUNE_BENCH_MODELS", "/tmp/swiftune-bench-models"))
-    model, loss_of = train_one.build(args.system, folder, args.quant == "nf4", 131072)
-    optimizer = optimizer_for(model)
-    batch_size, seq = (int(v) for v in args.point.split("x"))
-    batch = random_batch(train_one._inner(model).config.vocab_size, batch_size, seq)
+    model, loss_of, optimizer, batch = setup(args)
     issue_times(loss_of, model, optimizer, batch, 3)  # warm-up
     issue, wall = issue_times(loss_of, model, optimizer, batch, 5)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

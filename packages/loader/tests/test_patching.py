@@ -234,3 +234,52 @@ def _peft_with(model, targets):
     torch.manual_seed(3)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     return get_peft_model(model, config)
+
+
+# --- the recompute of a checkpointed layer skips the MLP's down projection where nothing reads its output ---------
+
+RECOMPUTE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _recompute_lora_model(model_type: str):
+    model = _model(model_type)
+    patch_model(model)
+    return _peft_with(model, RECOMPUTE_TARGETS).train()
+
+
+def _training_grads(model, ids) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "granite", "cohere", "gemma2"])
+def test_recompute_skips_the_down_projection_only_where_nothing_reads_it(monkeypatch, model_type):
+    import swiftune_loader.patching.forwards as forwards
+    from swiftune_loader.architectures import spec_for
+    from swiftune_loader.checkpointing import disable_checkpointing, enable_checkpointing
+
+    output_needed = []
+    original = forwards.lora_mlp
+    monkeypatch.setattr(
+        forwards, "lora_mlp", lambda *a, **k: output_needed.append(k.get("output_needed", True)) or original(*a, **k)
+    )
+    ids = torch.randint(3, SMALL["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))
+    model = _recompute_lora_model(model_type)
+    reference = _training_grads(model, ids)
+    layers = SMALL["num_hidden_layers"]
+    assert output_needed == [True] * layers
+
+    output_needed.clear()
+    base = model.get_base_model()
+    enable_checkpointing(base, "offload")  # on the CPU: every layer checkpointed and recomputed
+    grads = _training_grads(model, ids)
+    disable_checkpointing(base)
+
+    skips = spec_for(model_type).mlp_output_to_residual
+    # Gemma 2's post-feedforward norm reads the MLP's output in backward: its recompute must compute it.
+    assert skips == (model_type != "gemma2")
+    assert output_needed == [True] * layers + [not skips] * layers
+    assert grads.keys() == reference.keys() and any("down_proj.lora_B" in name for name in grads)
+    for name, expected in reference.items():
+        torch.testing.assert_close(grads[name], expected, atol=1e-6, rtol=1e-5, msg=name)
