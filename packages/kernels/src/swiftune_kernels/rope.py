@@ -182,8 +182,8 @@ _NUM_WARPS = 4
 # Launch configuration (one line to switch to a sweep's winner, benchmarks/sweep_kernels.py), per layout: "heads"
 # is _rope_kernel (a block of tokens a program, for a group of heads), "tokens" is rope_tokens._rope_tokens_kernel
 # (``tokens_per_program`` tokens a program with all their heads in tiles of at most ``token_tile`` elements).
-# 2026-11-24 H100, transformers' layout, CUDA graphs in fresh processes: tokens with 1 warp 0.127 ms, 2 warps 0.131,
-# heads 0.129, 2 tokens x 4 warps 0.139 (Liger 0.122): docs/benchmarks/rope-configs-2026-11-24-h100.log.
+# 2026-11-24 H100, transformers' layout, CUDA graphs in fresh processes, with the drop-in reading half-width tables:
+# tokens with 1 warp 0.1222 ms, 2 warps 0.1228, heads 0.1261, 4 tokens x 8 warps 0.1244 (Liger 0.1216).
 CONFIG = {
     "hf_kernel": "tokens",
     "contiguous_kernel": "heads",
@@ -368,7 +368,8 @@ def apply_rotary_pos_emb(
     """Drop-in for transformers' ``apply_rotary_pos_emb`` (rotate-half), for patching attention modules.
 
     Same signature and result as Llama's (and as NeoX/Phi3's partial rotary when cos is narrower than head_dim:
-    the first ``cos.shape[-1]`` channels rotate, the rest pass through).
+    the first ``cos.shape[-1]`` channels rotate, the rest pass through), for tables built as transformers builds
+    them, ``cat(freqs, freqs)``: only their first half is read. For tables whose halves differ, call :func:`rope`.
 
     Args:
         q: (batch, q_heads, seq, head_dim), or (batch, seq, q_heads, head_dim) with ``unsqueeze_dim=2``.
@@ -386,7 +387,11 @@ def apply_rotary_pos_emb(
         )
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be 4-D, got q {tuple(q.shape)} and k {tuple(k.shape)}.")
+    # transformers builds rotate-half tables as cat(freqs, freqs): both halves hold the same angles, so the kernel
+    # reads only the first (half the table traffic; a half-width table is one angle per pair).
+    rotary_dim = cos.shape[-1]
+    cos, sin = cos[..., : rotary_dim // 2], sin[..., : rotary_dim // 2]
     if unsqueeze_dim == 2:  # views only: the kernel follows the strides
-        q_out, k_out = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q_out, k_out = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, rotary_dim=rotary_dim)
         return q_out.transpose(1, 2), k_out.transpose(1, 2)
-    return rope(q, k, cos, sin)
+    return rope(q, k, cos, sin, rotary_dim=rotary_dim)

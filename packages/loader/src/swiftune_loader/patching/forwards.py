@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from swiftune_kernels import gated_activation, lora_linear, lora_mlp, lora_qkv, recomputing_for_backward, rope
+from swiftune_kernels import (
+    apply_rotary_pos_emb,
+    gated_activation,
+    lora_linear,
+    lora_mlp,
+    lora_qkv,
+    recomputing_for_backward,
+    rope,
+)
 from swiftune_loader.patching.lora_parts import fusable_input, lora_parts
 
 
@@ -36,7 +44,10 @@ def attention_forward(
     query, key = query.transpose(1, 2), key.transpose(1, 2)
     value = value.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
-    query, key = rope(query, key, cos, sin, interleaved=self._swiftune_interleaved_rope)
+    if self._swiftune_interleaved_rope:
+        query, key = rope(query, key, cos, sin, interleaved=True)
+    else:  # transformers' rotate-half tables: the drop-in reads only their first half
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
     attention = _attention_interface(self)
