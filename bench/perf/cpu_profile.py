@@ -6,7 +6,6 @@ bounds (see idle_profile.py): the top functions by own time and by cumulative ti
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
@@ -17,17 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--system", default="swiftune")
-    parser.add_argument("--shape", default="8b")
-    parser.add_argument("--quant", choices=("bf16", "nf4"), default="nf4")
-    parser.add_argument("--point", default="2x2048")
+    import idle_profile
+
+    parser = idle_profile.step_arguments(__doc__)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=35)
     args = parser.parse_args()
-    import idle_profile
-
-    args.checkpointing = None
     model, loss_of, optimizer, batch = idle_profile.setup(args)
     idle_profile.issue_times(loss_of, model, optimizer, batch, 3)
     issue, wall = idle_profile.issue_times(loss_of, model, optimizer, batch, 3)

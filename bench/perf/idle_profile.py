@@ -81,13 +81,19 @@ def setup(args) -> tuple:
     return model, loss_of, optimizer_for(model), batch
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with the options of :func:`setup`: system, shape, quantization, BATCHxSEQ point, checkpointing."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--system", default="swiftune")
     parser.add_argument("--shape", default="8b")
     parser.add_argument("--quant", choices=("bf16", "nf4"), default="nf4")
     parser.add_argument("--point", default="2x2048")
-    parser.add_argument("--checkpointing", default=None)
+    parser.add_argument("--checkpointing", default=None, help="swiftune: auto, true, offload or a GiB budget")
+    return parser
+
+
+def main() -> None:
+    parser = step_arguments(__doc__)
     parser.add_argument("--gaps", type=int, default=12)
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
