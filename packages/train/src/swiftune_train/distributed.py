@@ -9,11 +9,11 @@ the LoRA adapter onto rank 0 to write it.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from swiftune_loader.staged_folder import staged_folder
 
 
 def process_rank() -> int:
@@ -182,18 +182,9 @@ def save_sharded_adapter(model: torch.nn.Module, out_dir: str | os.PathLike, tok
     if not is_main_process():
         return None
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed into place: the folder is complete or absent.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:  # the folder is complete or absent
         # peft keeps the adapter's entries of the state dict it is given, instead of reading the sharded model.
         model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out_dir

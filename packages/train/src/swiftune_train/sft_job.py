@@ -17,6 +17,7 @@ from pathlib import Path
 
 from swiftune_data import get_chat_template, load_conversations, tokenize_conversations
 from swiftune_loader import FastLanguageModel, chat_reply, resolve_model_path
+from swiftune_loader.staged_folder import staged_folder
 from swiftune_tokenizers_fix import fix_tokenizer
 from swiftune_train.arguments import sft_config
 from swiftune_train.callbacks import InterruptCallback, LossCurveCallback
@@ -376,15 +377,7 @@ def save_adapter(model, tokenizer, adapter_dir: str | os.PathLike) -> Path:
     """Save a peft model's adapter (or a plain model in full, as safetensors) and the tokenizer so that the folder
     appears complete or not at all."""
     adapter_dir = Path(adapter_dir)
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
-    try:
+    with staged_folder(adapter_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        staging.rename(adapter_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return adapter_dir
