@@ -81,39 +81,17 @@ def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int, overri
     if override is not None:
         mode = override
     options = {} if mode is None else {"use_gradient_checkpointing": mode}
-    late = None
-    try:
-        model, _ = FastLanguageModel.from_pretrained(
-            str(folder),
-            max_seq_length=max_seq,
-            load_in_4bit=quant,
-            dtype=torch.bfloat16,
-            device_map={"": 0} if device() == "cuda" else "cpu",
-            fix_tokenizer=False,
-            fast_path=True,
-            **options,
-        )
-    except ValueError as error:
-        if mode != "auto":
-            raise
-        # A loader that does not accept "auto" yet: load without checkpointing, switch the plan on after the adapters.
-        print(f"note: from_pretrained refused 'auto' ({error}); enabling it through swiftune_loader.checkpointing")
-        late, options = mode, {"use_gradient_checkpointing": False}
-        model, _ = FastLanguageModel.from_pretrained(
-            str(folder),
-            max_seq_length=max_seq,
-            load_in_4bit=quant,
-            dtype=torch.bfloat16,
-            device_map={"": 0} if device() == "cuda" else "cpu",
-            fix_tokenizer=False,
-            fast_path=True,
-            **options,
-        )
+    model, _ = FastLanguageModel.from_pretrained(
+        str(folder),
+        max_seq_length=max_seq,
+        load_in_4bit=quant,
+        dtype=torch.bfloat16,
+        device_map={"": 0} if device() == "cuda" else "cpu",
+        fix_tokenizer=False,
+        fast_path=True,
+        **options,
+    )
     model = FastLanguageModel.get_peft_model(model, **LORA, target_modules=TARGETS, **options)
-    if late is not None:
-        from swiftune_loader.checkpointing import enable_checkpointing
-
-        enable_checkpointing(model.get_base_model(), late)
     if CHECKPOINTING.get("no_skip"):  # A/B: recompute the MLP's down projection as before
         for module in model.modules():
             if hasattr(module, "_swiftune_output_to_residual"):
