@@ -145,6 +145,18 @@ def model_folder(shape: str, root: str | os.PathLike, max_positions: int = 13107
     return folder
 
 
+def nf4_config():
+    """The QLoRA quantization every system gets: NF4, double quantization, bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
 def random_batch(vocab_size: int, batch: int, seq: int, seed: int = 1, dev: str | None = None) -> dict:
     """input_ids drawn from a seeded CPU generator (the same on every machine); labels = input_ids."""
     gen = torch.Generator(device="cpu").manual_seed(seed)

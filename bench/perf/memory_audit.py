@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TARGETS, model_folder, random_batch  # noqa: E402
+from common import TARGETS, model_folder, nf4_config, random_batch  # noqa: E402
 
 
 class SavedTensorAudit:
@@ -97,16 +97,9 @@ def load_swiftune(folder: Path, checkpointing, quant: bool):
 
 def load_peft(folder: Path, checkpointing, quant: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    q = None
-    if quant:
-        q = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+    q = nf4_config() if quant else None
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, quantization_config=q)
     if quant:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(checkpointing))

@@ -102,8 +102,8 @@ def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int, overri
 
 def _build_peft(system: str, folder: Path, quant: bool):
     import torch
-    from common import LORA, TARGETS, device
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from common import LORA, TARGETS, device, nf4_config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if system.startswith("liger"):
         import liger_kernel.transformers as liger
@@ -112,14 +112,7 @@ def _build_peft(system: str, folder: Path, quant: bool):
         getattr(liger, f"apply_liger_kernel_to_{model_type}")(
             rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True
         )
-    q = None
-    if quant:
-        q = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+    q = nf4_config() if quant else None
     model = AutoModelForCausalLM.from_pretrained(
         str(folder),
         dtype=torch.bfloat16,

@@ -85,27 +85,9 @@ def device_memory() -> tuple[int, str]:
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info(0)
         return free, f"free on {torch.cuda.get_device_name(0)}"
-    return available_ram(), "RAM available"
+    from swiftune_loader.checkpointing import available_host_bytes
 
-
-def available_ram() -> int:
-    """RAM available without swapping (psutil when installed, else /proc/meminfo, else total physical memory)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(available_host_bytes()), "RAM available"
 
 
 def format_gib(size: int) -> str:
