@@ -449,25 +449,34 @@ def test_a_4bit_weight_is_checked_again_when_its_quant_state_is_replaced(device)
 
 def test_recompute_reuses_the_forward_cast_of_an_adapter_unless_it_changed():
     """A checkpointed layer casts each fp32 adapter to the compute dtype in forward; its recompute takes that cast
-    back instead of casting again, but not after the adapter changed in place (an optimizer step in between)."""
-    from swiftune_kernels.lora_linear import adapter_operand
-    from swiftune_kernels.offloaded_checkpoint import _RECOMPUTING_LAYER
+    back instead of casting again, but not after the adapter changed in place (an optimizer step in between). A
+    forward outside a checkpointed layer keeps nothing, and a freed adapter leaves no entry."""
+    import gc
 
+    from swiftune_kernels.lora_linear import adapter_operand
+    from swiftune_kernels.offloaded_checkpoint import _CHECKPOINTED_FORWARD, _RECOMPUTING_LAYER
+
+    casts = sys.modules[LoRALinearFunction.__module__]._CASTS
     a = torch.randn(RANK, HIDDEN)
 
-    def recompute_cast():
-        token = _RECOMPUTING_LAYER.set(True)
+    def cast_in(var, t):
+        token = var.set(True)
         try:
-            return adapter_operand(a, torch.bfloat16)
+            return adapter_operand(t, torch.bfloat16)
         finally:
-            _RECOMPUTING_LAYER.reset(token)
+            var.reset(token)
 
-    forward_cast = adapter_operand(a, torch.bfloat16)
-    assert recompute_cast() is forward_cast  # the same tensor: no second cast
-    assert recompute_cast() is not forward_cast  # taken once: a second recompute casts afresh
-    adapter_operand(a, torch.bfloat16)
+    adapter_operand(a, torch.bfloat16)  # an un-checkpointed forward
+    assert id(a) not in casts
+    forward_cast = cast_in(_CHECKPOINTED_FORWARD, a)
+    assert cast_in(_RECOMPUTING_LAYER, a) is forward_cast  # the same tensor: no second cast
+    assert cast_in(_RECOMPUTING_LAYER, a) is not forward_cast  # taken once: a second recompute casts afresh
+    cast_in(_CHECKPOINTED_FORWARD, a)
     with torch.no_grad():
         a.add_(1.0)  # in place, as an optimizer step: the version counter moves
-    again = recompute_cast()
-    assert torch.equal(again, a.to(torch.bfloat16))
-    assert adapter_operand(a.to(torch.bfloat16), torch.bfloat16).dtype == torch.bfloat16  # same dtype: no cast
+    assert torch.equal(cast_in(_RECOMPUTING_LAYER, a), a.to(torch.bfloat16))
+    cast_in(_CHECKPOINTED_FORWARD, a)
+    key = id(a)
+    del a
+    gc.collect()
+    assert key not in casts

@@ -26,7 +26,7 @@ import torch
 
 from swiftune_kernels.dispatch import check_same_device, use_triton
 from swiftune_kernels.nf4 import dequantize_nf4, dequantize_nf4_checked, dequantize_nf4_trusted
-from swiftune_kernels.offloaded_checkpoint import recomputing_for_backward
+from swiftune_kernels.offloaded_checkpoint import in_checkpointed_forward, recomputing_for_backward
 from swiftune_kernels.reference import lora as _reference
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -176,15 +176,16 @@ def lora_dx(rank_terms, base_terms) -> torch.Tensor:
     return dx
 
 
-# Adapter casts made by a forward, by tensor id: (weakref, version, the cast). The recompute of a checkpointed layer
-# takes its cast from here instead of casting again (same tensor, same version: the same values), and drops it.
+# Adapter casts made by a checkpointed layer's forward, by tensor id: (weakref, version, the cast). Its recompute for
+# backward takes the cast from here instead of casting again (same tensor, same version: the same values), and drops
+# it; an entry also goes when its adapter is freed.
 _CASTS: dict[int, tuple] = {}
 
 
 def adapter_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The adapter weight ``t`` in the compute ``dtype``. A forward's cast is kept until the recompute of the same
-    layer for backward (:func:`swiftune_kernels.recomputing_for_backward`) takes it, if ``t`` has not changed in
-    between (its version counter), so that a checkpointed step casts each adapter once, not twice."""
+    """The adapter weight ``t`` in the compute ``dtype``. In a checkpointed layer, the forward's cast is kept until
+    the layer's recompute for backward (:func:`swiftune_kernels.recomputing_for_backward`) takes it, if ``t`` has not
+    changed in between (its version counter), so that a checkpointed step casts each adapter once, not twice."""
     if t.dtype == dtype:
         return t
     if recomputing_for_backward():
@@ -193,12 +194,12 @@ def adapter_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             return hit[2]
         return t.to(dtype)
     cast = t.to(dtype)
-    if len(_CASTS) >= 65536:  # a bound, for layers never recomputed (they leave their casts here until replaced)
-        _CASTS.clear()
-    try:
-        _CASTS[id(t)] = (weakref.ref(t), t._version, cast)
-    except TypeError:
-        pass
+    if in_checkpointed_forward():
+        key = id(t)
+        try:
+            _CASTS[key] = (weakref.ref(t, lambda _, key=key: _CASTS.pop(key, None)), t._version, cast)
+        except TypeError:
+            pass
     return cast
 
 

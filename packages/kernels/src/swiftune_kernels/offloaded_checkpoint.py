@@ -69,8 +69,10 @@ def checkpoint_policy(
     return "offload" if batch_size * seq_len * hidden_size >= threshold else "recompute"
 
 
-# True while a decoder layer wrapped by apply_offloaded_checkpointing is recomputed for its backward.
+# True while a decoder layer wrapped by apply_offloaded_checkpointing is recomputed for its backward; and while such
+# a layer runs its checkpointed forward (the one that will be recomputed).
 _RECOMPUTING_LAYER: contextvars.ContextVar[bool] = contextvars.ContextVar("swiftune_recomputing_layer", default=False)
+_CHECKPOINTED_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("swiftune_checkpointed", default=False)
 
 
 def recomputing_for_backward() -> bool:
@@ -83,6 +85,13 @@ def recomputing_for_backward() -> bool:
     Which operations qualify depends on the architecture, so the caller decides; this only says when.
     """
     return _RECOMPUTING_LAYER.get()
+
+
+def in_checkpointed_forward() -> bool:
+    """Whether the code running now is the forward of a whole decoder layer wrapped by
+    :func:`apply_offloaded_checkpointing` that will be recomputed for its backward (what it computes once, the
+    recompute may take back instead of computing it again)."""
+    return _CHECKPOINTED_FORWARD.get()
 
 
 # --- nested arguments and outputs: tensors out, a spec with numbered slots left behind --------------------------
@@ -262,7 +271,11 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         else:
             ctx.host_copy = None
             ctx.save_for_backward(hidden_states, *arg_tensors)
-        plan.output_spec, out_tensors = plan.run(hidden_states, arg_tensors)
+        token = _CHECKPOINTED_FORWARD.set(plan.whole_layer)
+        try:
+            plan.output_spec, out_tensors = plan.run(hidden_states, arg_tensors)
+        finally:
+            _CHECKPOINTED_FORWARD.reset(token)
         if not out_tensors:
             raise TypeError("layer_fn returned no tensor; offloaded_checkpoint needs a tensor output to backprop.")
         return tuple(out_tensors)
