@@ -49,3 +49,35 @@ def test_mlp_and_qkv_under_autocast_compute_in_bfloat16():
     torch.testing.assert_close(h, lora_mlp(x.detach().bfloat16(), *gate, *up, *down, activation="silu"))
     (h.float().sum() + sum(t.float().sum() for t in qkv)).backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+def test_fused_functions_run_their_matmuls_with_autocast_off_and_restore_it(monkeypatch):
+    """Autocast is switched off around the fused functions (their operands are already cast, and every matmul under
+    autocast costs host time), and back on after them, also when they raise."""
+    import importlib
+
+    # the package exports functions of the same names as these modules
+    linear_module = importlib.import_module("swiftune_kernels.lora_linear")
+    mlp_module = importlib.import_module("swiftune_kernels.lora_mlp")
+
+    seen = []
+    original = linear_module.project_forward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(linear_module, "project_forward", spy)
+    monkeypatch.setattr(mlp_module, "project_forward", spy)
+    x = torch.randn(3, 16, requires_grad=True)
+    w, a, b, s = _proj(8, 16)
+    gate, up, down = _proj(32, 16, seed=1), _proj(32, 16, seed=2), _proj(16, 32, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lora_linear(x, w, a, b, s)
+        lora_mlp(x, *gate, *up, *down, activation="silu")
+        assert torch.is_autocast_enabled("cpu")
+        monkeypatch.setattr(linear_module, "project_forward", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            lora_linear(x, w, a, b, s)
+        assert torch.is_autocast_enabled("cpu")
+    assert seen == [False] * 4  # one projection, then gate, up and down

@@ -217,3 +217,18 @@ def test_prepared_launch_follows_new_packed_data(device):
     assert torch.equal(
         dequantize_nf4_forward(other, state, torch.float32), reference.dequantize_nf4(other, state, torch.float32)
     )
+
+
+def test_repeated_launches_into_aligned_and_unaligned_outputs(device):
+    """A plan's later launches (on a GPU: its kept compiled launcher, one per output alignment) write the same values
+    as its first, whichever 16-byte alignment the output has."""
+    weight = torch.randn(6, 64, device=device, dtype=torch.bfloat16)
+    packed, state = reference.quantize_nf4(weight, 64)
+    expected = reference.dequantize_nf4(packed, state, torch.bfloat16)
+    storage = torch.empty(expected.numel() + 1, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        for offset in (0, 1):  # 1: two bytes past an aligned address
+            out = storage[offset : offset + expected.numel()].view(expected.shape)
+            out.fill_(float("nan"))
+            assert dequantize_nf4_forward(packed, state, torch.bfloat16, out=out) is out
+            assert torch.equal(out, expected), offset

@@ -587,3 +587,31 @@ def test_parameters_added_or_unfrozen_after_wrapping_get_gradients():
         layer.base.weight.requires_grad_(True)  # unfrozen later
         layer(x).sum().backward()
         assert layer.base.weight.grad is not None
+
+
+def test_a_layer_is_walked_again_only_after_a_registration_inside_it():
+    """Registrations outside the checkpointed layers (transformers slices its layer list into a new ModuleList on
+    every forward) do not make the wrapper walk the layer's modules again; an adapter attached inside the layer, or
+    a parameter registered on that adapter later, does."""
+    torch.manual_seed(0)
+    layer = Adaptable()
+    x = torch.randn(3, 6)
+    with apply_offloaded_checkpointing([layer], policy="recompute"):
+        wrapper, walks = layer.forward, []
+        walk = wrapper.parameters
+        wrapper.parameters = lambda: walks.append(1) or walk()
+
+        def step() -> int:
+            layer(x).sum().backward()
+            return len(walks)
+
+        assert step() == 1  # the first call walks
+        nn.ModuleList([layer])  # as `self.layers[:n]` does on every forward
+        nn.Linear(2, 2)  # a module built elsewhere registers its own parameters
+        assert step() == 1
+        layer.adapter = nn.Linear(6, 6, bias=False)
+        assert step() == 2
+        assert layer.adapter.weight.grad is not None
+        layer.adapter.register_parameter("bias", nn.Parameter(torch.zeros(6)))
+        assert step() == 3
+        assert layer.adapter.bias.grad is not None

@@ -28,6 +28,7 @@ import torch
 
 from swiftune_kernels.dispatch import use_triton
 from swiftune_kernels.lora_linear import (
+    AutocastPaused,
     adapter_operand,
     autocast_input,
     cast_grad,
@@ -210,5 +211,6 @@ def lora_qkv(
         variant = CONFIG["variant"]
         assert variant in VARIANTS, variant
         scales = (float(q_s), float(k_s), float(v_s))
-        return LoRAQKVFunction.apply(x, q_a, q_b, k_a, k_b, v_a, v_b, q_w, k_w, v_w, *scales, variant)
+        with AutocastPaused(x):
+            return LoRAQKVFunction.apply(x, q_a, q_b, k_a, k_b, v_a, v_b, q_w, k_w, v_w, *scales, variant)
     return _reference.lora_qkv(x, q_w, q_a, q_b, q_s, k_w, k_a, k_b, k_s, v_w, v_a, v_b, v_s)

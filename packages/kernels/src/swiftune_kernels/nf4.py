@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from swiftune_kernels.compiled_launch import launch_and_keep
 from swiftune_kernels.dispatch import check_same_device, use_triton
 from swiftune_kernels.reference import nf4 as _reference
 
@@ -209,8 +210,14 @@ def dequantize_nf4_forward(
     assert out.is_contiguous() and numel == math.prod(shape) and out.dtype == out_dtype
     if numel == 0:
         return out
-    kernel, grid, before_out, after_out, options = _launch_plan(packed, quant_state, out_dtype, config)
-    kernel[grid](*before_out, out, *after_out, **options)
+    kernel, grid, before_out, after_out, options, relaunchers = _launch_plan(packed, quant_state, out_dtype, config)
+    # Only out differs between a plan's launches; its 16-byte alignment is the one specialization it can change.
+    aligned = out.data_ptr() % 16 == 0
+    relaunch = relaunchers.get(aligned)
+    if relaunch is not None:
+        relaunch(*before_out, out, *after_out)
+    else:
+        relaunchers[aligned] = launch_and_keep(kernel, grid, (*before_out, out, *after_out), options)
     return out
 
 
@@ -222,7 +229,8 @@ _PLAN_ATTRIBUTE = "_swiftune_nf4_plans"
 
 
 def _launch_plan(packed: torch.Tensor, quant_state, out_dtype: torch.dtype, config: dict) -> tuple:
-    """(kernel, grid, arguments before ``out``, arguments after it, keyword options) of one weight's launch."""
+    """(kernel, grid, arguments before ``out``, arguments after it, keyword options, kept launchers by out's
+    alignment: :func:`~swiftune_kernels.compiled_launch.launch_and_keep`) of one weight's launch."""
     # The versions: a plan holds tables derived from the code and scales, which an in-place change must refresh.
     versions = (quant_state.code._version, quant_state.absmax._version)
     key = (packed.data_ptr(), out_dtype, tuple(sorted(config.items())), versions)
@@ -263,6 +271,7 @@ def _launch_plan(packed: torch.Tensor, quant_state, out_dtype: torch.dtype, conf
                 PER_UNIT=8 if words else 2, NESTED=nested, ROUND_BF16=round_bf16, LUT=config["lut"], WORDS=words,
                 num_warps=config["num_warps"], enable_fp_fusion=False,
             ),
+            {},
         )  # fmt: skip
     else:
         block_cols = _next_power_of_2(blocksize)
@@ -276,6 +285,7 @@ def _launch_plan(packed: torch.Tensor, quant_state, out_dtype: torch.dtype, conf
                 BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=per_program,
                 NESTED=nested, ROUND_BF16=round_bf16, num_warps=8, enable_fp_fusion=False,
             ),
+            {},
         )  # fmt: skip
     try:
         # one plan per weight in practice; a new data pointer (the weight moved) replaces the old plans

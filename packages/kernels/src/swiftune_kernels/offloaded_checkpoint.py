@@ -134,6 +134,64 @@ def _rebuild(like: tuple | list, items: list) -> tuple | list:
 
 # --- the host copy of one layer input, and the registry that orders prefetches ----------------------------------
 
+# Bounds of the pieces a host copy is split into (see host_piece_sizes): powers of two, in bytes.
+HOST_PIECE_MAX_BYTES = 1 << 30
+HOST_PIECE_MIN_BYTES = 1 << 20
+
+
+def host_piece_sizes(nbytes: int, largest: int | None = None, smallest: int | None = None) -> list[int]:
+    """Sizes of the host buffers, each a power of two in bytes, that together hold a copy of ``nbytes`` bytes.
+
+    PyTorch's caching host allocator rounds every pinned allocation up to the next power of two (for reuse), so
+    one buffer for a 2.5 GiB layer input takes 4 GiB: 32 such layers pinned 128 GiB and got the process killed.
+    Buffers that are powers of two lose nothing to that rounding: full pieces of ``largest``, then the binary
+    decomposition of the rest, rounded up to a multiple of ``smallest`` so that only the last (smallest) piece
+    holds unused bytes, fewer than ``smallest``. Capping pieces at ``largest`` also lets the allocator's cached
+    blocks, one free list per power of two, serve every layer and step whatever the sequence length. A copy of at
+    most ``smallest`` bytes is one piece, the next power of two.
+
+    Args:
+        nbytes: bytes to hold.
+        largest: largest piece, a power of two; default :data:`HOST_PIECE_MAX_BYTES`.
+        smallest: smallest piece of a copy larger than it, a power of two no larger than ``largest``; default
+            :data:`HOST_PIECE_MIN_BYTES`.
+
+    Returns:
+        Piece sizes in bytes, largest first; empty for 0 bytes. At most ``ceil(nbytes / largest) +
+        log2(largest / smallest)`` pieces.
+    """
+    largest = HOST_PIECE_MAX_BYTES if largest is None else largest
+    smallest = HOST_PIECE_MIN_BYTES if smallest is None else smallest
+    for name, value in (("largest", largest), ("smallest", smallest)):
+        if not isinstance(value, int) or value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two in bytes (e.g. 2**20), got {value!r}.")
+    if smallest > largest:
+        raise ValueError(f"smallest ({smallest}) must not exceed largest ({largest}); swap or lower them.")
+    if not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}.")
+    if nbytes <= smallest:
+        return [1 << (nbytes - 1).bit_length()] if nbytes else []
+    full, rest = divmod(-(-nbytes // smallest) * smallest, largest)
+    bits = [largest >> shift for shift in range(1, (largest // smallest).bit_length())]
+    return [largest] * full + [bit for bit in bits if rest & bit]
+
+
+class _HostPieces(list):
+    """The host buffers (flat uint8) of one copy, in order; asked like a tensor whether they are pinned."""
+
+    def is_pinned(self) -> bool:
+        return bool(self) and all(piece.is_pinned() for piece in self)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(piece.numel() for piece in self)
+
+
+def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``tensor`` as one flat uint8 tensor (of a contiguous copy when ``tensor`` is not contiguous)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 _LOCK = threading.Lock()
 # Host copies not yet fetched back, in forward order. Weak, so a graph freed without backward leaks nothing.
 _PENDING: list[weakref.ref[_HostCopy]] = []
@@ -150,48 +208,76 @@ def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
 
 
 class _HostCopy:
-    """One layer input parked in pinned CPU memory, with the events that order its download and upload."""
+    """One layer input parked in CPU memory (pinned where CUDA runs), in power-of-two pieces
+    (:func:`host_piece_sizes`), with the events that order its download and upload."""
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.device = tensor.device
+        self.shape, self.dtype = tensor.shape, tensor.dtype
         self.stored: torch.cuda.Event | None = None
         self.restored: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
+        # The CPU takes the same pieces, unpinned, so that its tests prove the split and the reassembly.
+        pin = tensor.is_cuda
+        sizes = host_piece_sizes(tensor.numel() * tensor.element_size(), HOST_PIECE_MAX_BYTES, HOST_PIECE_MIN_BYTES)
+        self.host: _HostPieces | None = _HostPieces(
+            torch.empty(size, dtype=torch.uint8, pin_memory=pin) for size in sizes
+        )
         if tensor.is_cuda:
             main = torch.cuda.current_stream(self.device)
             download = _side_stream(self.device, "d2h")
-            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            source = _byte_view(tensor)  # a non-contiguous input is made contiguous on the main stream
             download.wait_stream(main)  # the kernel that produced the input may still be running
             with torch.cuda.stream(download):
-                self.host.copy_(tensor, non_blocking=True)
+                self._copy_pieces(source, to_host=True)
             # The caller drops the input next; its block must not be handed out again before the copy has read it.
-            tensor.record_stream(download)
+            source.record_stream(download)
             self.stored = torch.cuda.Event()
             self.stored.record(download)
         else:
-            # CPU: a plain copy, so that the input is released exactly as on the GPU and the tests see it.
-            self.host = tensor.detach().clone(memory_format=torch.contiguous_format)
+            # CPU: the input is released exactly as on the GPU (the pieces own new storage) and the tests see it.
+            self._copy_pieces(_byte_view(tensor), to_host=True)
         with _LOCK:
             _PENDING[:] = [ref for ref in _PENDING if ref() is not None]
             _PENDING.append(weakref.ref(self))
+
+    @property
+    def host_bytes(self) -> int:
+        """Host bytes this copy holds (the pieces' sizes, which the caching host allocator does not round up)."""
+        return self.host.nbytes if self.host is not None else 0
+
+    def _copy_pieces(self, flat: torch.Tensor, to_host: bool) -> None:
+        """Copy the flat bytes ``flat`` into the pieces, or the pieces into it; one copy per piece, on the stream
+        current now, non-blocking (the pinned pieces make the CUDA copies asynchronous)."""
+        start = 0
+        for piece in self.host:
+            length = min(piece.numel(), flat.numel() - start)
+            if to_host:
+                piece[:length].copy_(flat[start : start + length], non_blocking=True)
+            else:
+                flat[start : start + length].copy_(piece[:length], non_blocking=True)
+            start += length
 
     def prefetch(self) -> None:
         """Start the upload (idempotent); the backward of the next-later layer calls this for us."""
         if self.restored is not None or self.host is None:
             return
+        # Contiguous, so its flat byte view shares its storage and the pieces land in it.
+        restored = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         if self.stored is None:
-            self.restored = self.host
+            self._copy_pieces(_byte_view(restored), to_host=False)
+            self.restored = restored
             return
         main = torch.cuda.current_stream(self.device)
         upload = _side_stream(self.device, "h2d")
         # Allocated on the main stream, so the block may still be read by queued main-stream kernels: wait for them.
-        self.restored = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
         upload.wait_stream(main)
         upload.wait_event(self.stored)
         with torch.cuda.stream(upload):
-            self.restored.copy_(self.host, non_blocking=True)
+            self._copy_pieces(_byte_view(restored), to_host=False)
         # If the graph is dropped before fetch, the block must outlive the pending copy.
-        self.restored.record_stream(upload)
+        restored.record_stream(upload)
+        self.restored = restored
         self.ready = torch.cuda.Event()
         self.ready.record(upload)
 
@@ -414,14 +500,20 @@ def _checkpoint(layer_fn, params, hidden_states, args, kwargs, offload, preserve
 # --- wrapping decoder layers ---------------------------------------------------------------------------------
 
 
-# Bumped whenever a module or parameter is registered on any module (adapters added, weights replaced), so that a
-# layer's parameter list, walked once, is walked again only after such a change. The hooks are global and installed
-# on the first use of apply_offloaded_checkpointing, not at import.
+# Bumped whenever a module or parameter is registered on a module inside a checkpointed layer (adapters added,
+# weights replaced), so that a layer's parameter list, walked once, is walked again only after such a change. The
+# hooks are global and installed on the first use of apply_offloaded_checkpointing, not at import. Registrations
+# elsewhere are ignored: transformers slices its layer list on every forward (`self.layers[:n]` builds a new
+# ModuleList, registering every layer into it), which would otherwise force a walk of every layer on every step.
 _STRUCTURE = {"generation": 0, "hooked": False}
+# The modules of the checkpointed layers, as found by their last walk. A module attached since then is found through
+# its registration on one of these (which bumps the generation), and is watched from the next walk on.
+_WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-def _bump_generation(*_args) -> None:
-    _STRUCTURE["generation"] += 1
+def _bump_generation(module: nn.Module, *_args) -> None:
+    if module in _WATCHED:
+        _STRUCTURE["generation"] += 1
 
 
 def _watch_structure() -> None:
@@ -439,7 +531,7 @@ class _CheckpointedForward:
     def __init__(self, module: nn.Module, forward: Callable, policy: str, preserve_rng_state: bool) -> None:
         self.module_name = type(module).__name__
         # The module is known here even when `forward` hides it (accelerate's functools.partial hooks).
-        self.parameters = module.parameters
+        self.parameters, self.modules = module.parameters, module.modules
         self.forward = forward
         self.offload = {"auto": None, "offload": True, "recompute": False}[policy]
         self.checkpoint = True  # False: the layer runs as is and keeps its activations (a memory plan's choice)
@@ -448,10 +540,11 @@ class _CheckpointedForward:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The layer's parameters that require grad now. The walk over its modules (hundreds with peft's wrappers, a
-        measurable share of a step's CPU time) is redone only after a module or parameter was registered anywhere;
+        measurable share of a step's CPU time) is redone only after a module or parameter was registered inside it;
         requires_grad is read on every call, so freezing or unfreezing takes effect at once."""
         generation = _STRUCTURE["generation"]
         if self._parameters_seen is None or self._parameters_seen[0] != generation:
+            _WATCHED.update(self.modules())
             self._parameters_seen = (generation, list(self.parameters()))
         return [p for p in self._parameters_seen[1] if p.requires_grad]
 
