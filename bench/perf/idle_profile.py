@@ -40,6 +40,57 @@ def issue_times(loss_of, model, optimizer, batch, steps: int) -> tuple[float, fl
     return statistics.median(issue), statistics.median(wall)
 
 
+def phase_times(loss_of, model, optimizer, batch, steps: int) -> dict:
+    """Median CPU issue time and GPU time (CUDA events) of each phase of a step: forward, backward, optimizer.
+
+    A phase whose GPU time is about its CPU issue time kept the GPU waiting on the CPU; a phase whose GPU time is
+    longer let the CPU run ahead (its issue time is hidden)."""
+    import statistics
+
+    import torch
+
+    rows: dict[str, list[float]] = {}
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        cpu = [time.perf_counter()]
+        events[0].record()
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            loss = loss_of(model, batch)
+        events[1].record()
+        cpu.append(time.perf_counter())
+        loss.backward()
+        events[2].record()
+        cpu.append(time.perf_counter())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        events[3].record()
+        cpu.append(time.perf_counter())
+        torch.cuda.synchronize()
+        for i, name in enumerate(("forward", "backward", "optimizer")):
+            rows.setdefault(f"{name}_cpu_ms", []).append((cpu[i + 1] - cpu[i]) * 1e3)
+            rows.setdefault(f"{name}_gpu_ms", []).append(events[i].elapsed_time(events[i + 1]))
+    return {key: round(statistics.median(values), 1) for key, values in rows.items()}
+
+
+def gap_pairs(trace: dict, top: int) -> list[dict]:
+    """Idle time of the busiest stream summed by the (kernel before, kernel after) pair of each gap, largest first:
+    a pair that recurs every layer shows where the CPU falls behind."""
+    kernels = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy")]
+    by_stream: dict = {}
+    for e in kernels:
+        by_stream.setdefault(e["args"].get("stream"), []).append(e)
+    _, events = max(by_stream.items(), key=lambda kv: sum(e["dur"] for e in kv[1]))
+    events.sort(key=lambda e: e["ts"])
+    pairs: dict[tuple[str, str], list[float]] = {}
+    for before, after in zip(events, events[1:], strict=False):
+        gap = after["ts"] - (before["ts"] + before["dur"])
+        if gap > 0:
+            pairs.setdefault((before["name"][:50], after["name"][:50]), []).append(gap)
+    ranked = sorted(pairs.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return [{"ms": round(sum(g) / 1e3, 2), "count": len(g), "after": a, "before": b} for (a, b), g in ranked]
+
+
 def stream_gaps(trace: dict, top: int) -> dict:
     """Busy and idle time of the stream with the most kernel time, and its ``top`` largest gaps."""
     kernels = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy")]
@@ -107,10 +158,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"trace-{args.system}-{args.shape}-{args.quant}.json"
     prof.export_chrome_trace(str(path))
-    gaps = stream_gaps(json.loads(path.read_text()), args.gaps)
+    trace = json.loads(path.read_text())
+    gaps, pairs = stream_gaps(trace, args.gaps), gap_pairs(trace, args.gaps)
     path.unlink()  # large; the summary is what comes back
+    phases = phase_times(loss_of, model, optimizer, batch, 5)
     result = {"system": args.system, "shape": args.shape, "quant": args.quant, "point": args.point}
-    result.update(issue_ms=round(issue * 1e3, 1), wall_ms=round(wall * 1e3, 1), **gaps)
+    result.update(issue_ms=round(issue * 1e3, 1), wall_ms=round(wall * 1e3, 1), **phases, **gaps, gap_pairs=pairs)
     print("RESULT " + json.dumps(result), flush=True)
     print(
         f"{args.system} {args.shape} {args.quant} {args.point}: wall {wall * 1e3:.1f} ms,"
@@ -118,8 +171,12 @@ def main() -> None:
         f" compute stream busy {gaps['busy_ms']:.1f} of {gaps['span_ms']:.1f} ms (idle {gaps['idle_ms']:.1f}, of it"
         f" {gaps['idle_in_gaps_under_20us_ms']:.1f} in gaps under 20 us)"
     )
+    print("  phases (ms, median): " + ", ".join(f"{k} {v}" for k, v in phases.items()))
     for g in gaps["gaps"]:
         print(f"  {g['us']:>7} us at {g['at_ms']:>7.1f} ms  after {g['after']}  before {g['before']}")
+    print("  idle by kernel pair (profiled step):")
+    for p in pairs:
+        print(f"  {p['ms']:>7.2f} ms in {p['count']:>4} gaps  after {p['after']}  before {p['before']}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_mlp_and_qkv_under_autocast_compute_in_bfloat16():
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
 
 
-def test_fused_functions_run_their_matmuls_with_autocast_off_and_restore_it(monkeypatch):
+def test_fused_functions_run_their_matmuls_with_autocast_off_and_restore_it(monkeypatch, device):
     """Autocast is switched off around the fused functions (their operands are already cast, and every matmul under
     autocast costs host time), and back on after them, also when they raise."""
     import importlib
@@ -64,20 +64,25 @@ def test_fused_functions_run_their_matmuls_with_autocast_off_and_restore_it(monk
     original = linear_module.project_forward
 
     def spy(*args, **kwargs):
-        seen.append(torch.is_autocast_enabled("cpu"))
+        seen.append(torch.is_autocast_enabled(device.type))
         return original(*args, **kwargs)
+
+    def on_device(parts):
+        return tuple(p.detach().to(device).requires_grad_(p.requires_grad) if torch.is_tensor(p) else p for p in parts)
 
     monkeypatch.setattr(linear_module, "project_forward", spy)
     monkeypatch.setattr(mlp_module, "project_forward", spy)
-    x = torch.randn(3, 16, requires_grad=True)
-    w, a, b, s = _proj(8, 16)
-    gate, up, down = _proj(32, 16, seed=1), _proj(32, 16, seed=2), _proj(16, 32, seed=3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(3, 16, device=device, requires_grad=True)
+    w, a, b, s = on_device(_proj(8, 16))
+    gate, up, down = (
+        on_device(_proj(*shape, seed=seed)) for shape, seed in (((32, 16), 1), ((32, 16), 2), ((16, 32), 3))
+    )
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         lora_linear(x, w, a, b, s)
         lora_mlp(x, *gate, *up, *down, activation="silu")
-        assert torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled(device.type)
         monkeypatch.setattr(linear_module, "project_forward", lambda *a, **k: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             lora_linear(x, w, a, b, s)
-        assert torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled(device.type)
     assert seen == [False] * 4  # one projection, then gate, up and down

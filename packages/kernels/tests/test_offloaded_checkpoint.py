@@ -16,6 +16,7 @@ from swiftune_kernels.offloaded_checkpoint import OFFLOAD_MIN_ELEMENTS, checkpoi
 
 # The package re-exports the function under the submodule's name, so fetch the module itself.
 op = importlib.import_module("swiftune_kernels.offloaded_checkpoint")
+host = importlib.import_module("swiftune_kernels.offload_host_copy")
 
 MODES = ["offload", "recompute"]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -23,7 +24,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 def _live():
     """Host copies still waiting for their backward (the registry holds weak references)."""
-    return [ref() for ref in op._PENDING if ref() is not None]
+    return [ref() for ref in host._PENDING if ref() is not None]
 
 
 class Block(nn.Module):
@@ -375,7 +376,7 @@ def test_offload_releases_the_input_and_recompute_keeps_it():
 
 def test_backward_prefetches_the_previous_layer_first(monkeypatch):
     log, order = [], {}
-    init, prefetch, fetch = op._HostCopy.__init__, op._HostCopy.prefetch, op._HostCopy.fetch
+    init, prefetch, fetch = host.HostCopy.__init__, host.HostCopy.prefetch, host.HostCopy.fetch
 
     def numbered_init(self, tensor):
         init(self, tensor)
@@ -389,9 +390,9 @@ def test_backward_prefetches_the_previous_layer_first(monkeypatch):
         log.append(("fetch", order[id(self)]))
         return fetch(self)
 
-    monkeypatch.setattr(op._HostCopy, "prefetch", logged_prefetch)
-    monkeypatch.setattr(op._HostCopy, "fetch", logged_fetch)
-    monkeypatch.setattr(op._HostCopy, "__init__", numbered_init)
+    monkeypatch.setattr(host.HostCopy, "prefetch", logged_prefetch)
+    monkeypatch.setattr(host.HostCopy, "fetch", logged_fetch)
+    monkeypatch.setattr(host.HostCopy, "__init__", numbered_init)
     layers = _stack(layers=3)
     with apply_offloaded_checkpointing(layers, policy="offload"):
         y = _run(layers, torch.randn(2, 5, 13, dtype=torch.float64, requires_grad=True))
@@ -413,7 +414,7 @@ def test_graph_dropped_without_backward_leaks_nothing():
         del y
         gc.collect()
         z = _run(layers, torch.randn(2, 5, 13, dtype=torch.float64, requires_grad=True))
-    assert len(op._PENDING) == 3  # the first graph's three (dead) entries were purged, not just left behind
+    assert len(host._PENDING) == 3  # the first graph's three (dead) entries were purged, not just left behind
     z.sum().backward()
     assert not _live()
 

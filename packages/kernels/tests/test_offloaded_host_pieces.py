@@ -13,10 +13,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from swiftune_kernels import offloaded_checkpoint
-from swiftune_kernels.offloaded_checkpoint import host_piece_sizes
+from swiftune_kernels.offload_host_copy import host_piece_sizes
 
 # The package re-exports the function under the submodule's name, so fetch the module itself.
-op = importlib.import_module("swiftune_kernels.offloaded_checkpoint")
+op = importlib.import_module("swiftune_kernels.offload_host_copy")
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -138,7 +138,7 @@ def test_round_trip_through_several_pieces_is_bit_exact(tiny_pieces, name):
     shape, dtype = x.shape, x.dtype
     counter = _CountCopies()
     with counter:
-        copy = op._HostCopy(x)
+        copy = op.HostCopy(x)
     if x.is_contiguous():  # one copy per piece; a non-contiguous input is first made contiguous (one more)
         assert counter.copies == len(expected_sizes)
     assert [p.numel() for p in copy.host] == expected_sizes
@@ -166,7 +166,7 @@ def test_an_input_that_fits_one_piece_is_one_copy():
     x = torch.randn(4, 16, 16)  # 4 KiB: a power of two below the default smallest piece
     counter = _CountCopies()
     with counter:
-        copy = op._HostCopy(x)
+        copy = op.HostCopy(x)
     assert counter.copies == 1 and len(copy.host) == 1 and copy.host_bytes == x.numel() * x.element_size()
     with counter:
         got = copy.fetch()
@@ -193,13 +193,13 @@ def test_offloaded_checkpoint_gradients_through_pieces_match(tiny_pieces, monkey
         return [h.grad, *(p.grad for p in layers.parameters())]
 
     seen = []
-    original = op._HostCopy.__init__
+    original = op.HostCopy.__init__
 
     def recording_init(self, tensor):
         original(self, tensor)
         seen.append(len(self.host))
 
-    monkeypatch.setattr(op._HostCopy, "__init__", recording_init)
+    monkeypatch.setattr(op.HostCopy, "__init__", recording_init)
     got = grads(True)
     want = grads(False)
     assert len(seen) == 3 and all(n > 2 for n in seen)  # every layer input went through several pieces
@@ -212,7 +212,7 @@ def test_cuda_pieces_are_pinned_and_round_trip(tiny_pieces):
     largest, smallest = tiny_pieces
     x = torch.randn(3, 5, 7, dtype=torch.bfloat16, device="cuda")
     want = _bytes(x)
-    copy = op._HostCopy(x)
+    copy = op.HostCopy(x)
     assert copy.host.is_pinned() and len(copy.host) == len(host_piece_sizes(x.numel() * 2, largest, smallest))
     del x
     got = copy.fetch()

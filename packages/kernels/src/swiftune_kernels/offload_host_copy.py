@@ -1,0 +1,181 @@
+"""The host copy of one offloaded layer input, in power-of-two pinned pieces, and the registry that orders the
+copies back (each fetch starts the upload of the previous layer's input).
+
+Used by :mod:`swiftune_kernels.offloaded_checkpoint`. On the CPU the copy is a plain (unpinned) one through the
+same pieces, so that the tests prove the logic there.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+# Bounds of the pieces a host copy is split into (see host_piece_sizes): powers of two, in bytes.
+HOST_PIECE_MAX_BYTES = 1 << 30
+HOST_PIECE_MIN_BYTES = 1 << 20
+
+
+def host_piece_sizes(nbytes: int, largest: int | None = None, smallest: int | None = None) -> list[int]:
+    """Sizes of the host buffers, each a power of two in bytes, that together hold a copy of ``nbytes`` bytes.
+
+    PyTorch's caching host allocator rounds every pinned allocation up to the next power of two (for reuse), so
+    one buffer for a 2.5 GiB layer input takes 4 GiB: 32 such layers pinned 128 GiB and got the process killed.
+    Buffers that are powers of two lose nothing to that rounding: full pieces of ``largest``, then the binary
+    decomposition of the rest, rounded up to a multiple of ``smallest`` so that only the last (smallest) piece
+    holds unused bytes, fewer than ``smallest``. Capping pieces at ``largest`` also lets the allocator's cached
+    blocks, one free list per power of two, serve every layer and step whatever the sequence length. A copy of at
+    most ``smallest`` bytes is one piece, the next power of two.
+
+    Args:
+        nbytes: bytes to hold.
+        largest: largest piece, a power of two; default :data:`HOST_PIECE_MAX_BYTES`.
+        smallest: smallest piece of a copy larger than it, a power of two no larger than ``largest``; default
+            :data:`HOST_PIECE_MIN_BYTES`.
+
+    Returns:
+        Piece sizes in bytes, largest first; empty for 0 bytes. At most ``ceil(nbytes / largest) +
+        log2(largest / smallest)`` pieces.
+    """
+    largest = HOST_PIECE_MAX_BYTES if largest is None else largest
+    smallest = HOST_PIECE_MIN_BYTES if smallest is None else smallest
+    for name, value in (("largest", largest), ("smallest", smallest)):
+        if not isinstance(value, int) or value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two in bytes (e.g. 2**20), got {value!r}.")
+    if smallest > largest:
+        raise ValueError(f"smallest ({smallest}) must not exceed largest ({largest}); swap or lower them.")
+    if not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}.")
+    if nbytes <= smallest:
+        return [1 << (nbytes - 1).bit_length()] if nbytes else []
+    full, rest = divmod(-(-nbytes // smallest) * smallest, largest)
+    bits = [largest >> shift for shift in range(1, (largest // smallest).bit_length())]
+    return [largest] * full + [bit for bit in bits if rest & bit]
+
+
+class _HostPieces(list):
+    """The host buffers (flat uint8) of one copy, in order; asked like a tensor whether they are pinned."""
+
+    def is_pinned(self) -> bool:
+        return bool(self) and all(piece.is_pinned() for piece in self)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(piece.numel() for piece in self)
+
+
+def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``tensor`` as one flat uint8 tensor (of a contiguous copy when ``tensor`` is not contiguous)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+_LOCK = threading.Lock()
+# Host copies not yet fetched back, in forward order. Weak, so a graph freed without backward leaks nothing.
+_PENDING: list[weakref.ref[HostCopy]] = []
+_STREAMS: dict[tuple[int, str], torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
+    # One stream per direction: an early backward upload need not queue behind the last forward download.
+    key = (device.index if device.index is not None else torch.cuda.current_device(), direction)
+    with _LOCK:
+        if key not in _STREAMS:
+            _STREAMS[key] = torch.cuda.Stream(device=key[0])
+        return _STREAMS[key]
+
+
+class HostCopy:
+    """One layer input parked in CPU memory (pinned where CUDA runs), in power-of-two pieces
+    (:func:`host_piece_sizes`), with the events that order its download and upload."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.device = tensor.device
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+        self.stored: torch.cuda.Event | None = None
+        self.restored: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+        # The CPU takes the same pieces, unpinned, so that its tests prove the split and the reassembly.
+        pin = tensor.is_cuda
+        sizes = host_piece_sizes(tensor.numel() * tensor.element_size(), HOST_PIECE_MAX_BYTES, HOST_PIECE_MIN_BYTES)
+        self.host: _HostPieces | None = _HostPieces(
+            torch.empty(size, dtype=torch.uint8, pin_memory=pin) for size in sizes
+        )
+        if tensor.is_cuda:
+            main = torch.cuda.current_stream(self.device)
+            download = _side_stream(self.device, "d2h")
+            source = _byte_view(tensor)  # a non-contiguous input is made contiguous on the main stream
+            download.wait_stream(main)  # the kernel that produced the input may still be running
+            with torch.cuda.stream(download):
+                self._copy_pieces(source, to_host=True)
+            # The caller drops the input next; its block must not be handed out again before the copy has read it.
+            source.record_stream(download)
+            self.stored = torch.cuda.Event()
+            self.stored.record(download)
+        else:
+            # CPU: the input is released exactly as on the GPU (the pieces own new storage) and the tests see it.
+            self._copy_pieces(_byte_view(tensor), to_host=True)
+        with _LOCK:
+            _PENDING[:] = [ref for ref in _PENDING if ref() is not None]
+            _PENDING.append(weakref.ref(self))
+
+    @property
+    def host_bytes(self) -> int:
+        """Host bytes this copy holds (the pieces' sizes, which the caching host allocator does not round up)."""
+        return self.host.nbytes if self.host is not None else 0
+
+    def _copy_pieces(self, flat: torch.Tensor, to_host: bool) -> None:
+        """Copy the flat bytes ``flat`` into the pieces, or the pieces into it; one copy per piece, on the stream
+        current now, non-blocking (the pinned pieces make the CUDA copies asynchronous)."""
+        start = 0
+        for piece in self.host:
+            length = min(piece.numel(), flat.numel() - start)
+            if to_host:
+                piece[:length].copy_(flat[start : start + length], non_blocking=True)
+            else:
+                flat[start : start + length].copy_(piece[:length], non_blocking=True)
+            start += length
+
+    def prefetch(self) -> None:
+        """Start the upload (idempotent); the backward of the next-later layer calls this for us."""
+        if self.restored is not None or self.host is None:
+            return
+        # Contiguous, so its flat byte view shares its storage and the pieces land in it.
+        restored = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if self.stored is None:
+            self._copy_pieces(_byte_view(restored), to_host=False)
+            self.restored = restored
+            return
+        main = torch.cuda.current_stream(self.device)
+        upload = _side_stream(self.device, "h2d")
+        # Allocated on the main stream, so the block may still be read by queued main-stream kernels: wait for them.
+        upload.wait_stream(main)
+        upload.wait_event(self.stored)
+        with torch.cuda.stream(upload):
+            self._copy_pieces(_byte_view(restored), to_host=False)
+        # If the graph is dropped before fetch, the block must outlive the pending copy.
+        restored.record_stream(upload)
+        self.restored = restored
+        self.ready = torch.cuda.Event()
+        self.ready.record(upload)
+
+    def fetch(self) -> torch.Tensor:
+        """Return the input on its device (usable on the current stream) and prefetch the previous layer's."""
+        self.prefetch()
+        previous = None
+        with _LOCK:
+            live = [ref for ref in _PENDING if ref() is not None]
+            position = next((i for i, ref in enumerate(live) if ref() is self), None)
+            if position is not None:
+                for ref in reversed(live[:position]):
+                    if (candidate := ref()) is not None and candidate.device == self.device:
+                        previous = candidate
+                        break
+                del live[position]
+            _PENDING[:] = live
+        if previous is not None:
+            previous.prefetch()
+        if self.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+        tensor, self.restored, self.host = self.restored, None, None
+        return tensor
