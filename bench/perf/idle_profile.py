@@ -73,15 +73,20 @@ def phase_times(loss_of, model, optimizer, batch, steps: int) -> dict:
     return {key: round(statistics.median(values), 1) for key, values in rows.items()}
 
 
-def gap_pairs(trace: dict, top: int) -> list[dict]:
-    """Idle time of the busiest stream summed by the (kernel before, kernel after) pair of each gap, largest first:
-    a pair that recurs every layer shows where the CPU falls behind."""
+def busiest_stream(trace: dict) -> tuple:
+    """(stream id, its kernel and copy events in time order) of the stream with the most device time."""
     kernels = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy")]
     by_stream: dict = {}
     for e in kernels:
         by_stream.setdefault(e["args"].get("stream"), []).append(e)
-    _, events = max(by_stream.items(), key=lambda kv: sum(e["dur"] for e in kv[1]))
-    events.sort(key=lambda e: e["ts"])
+    stream, events = max(by_stream.items(), key=lambda kv: sum(e["dur"] for e in kv[1]))
+    return stream, sorted(events, key=lambda e: e["ts"])
+
+
+def gap_pairs(trace: dict, top: int) -> list[dict]:
+    """Idle time of the busiest stream summed by the (kernel before, kernel after) pair of each gap, largest first:
+    a pair that recurs every layer shows where the CPU falls behind."""
+    _, events = busiest_stream(trace)
     pairs: dict[tuple[str, str], list[float]] = {}
     for before, after in zip(events, events[1:], strict=False):
         gap = after["ts"] - (before["ts"] + before["dur"])
@@ -93,12 +98,7 @@ def gap_pairs(trace: dict, top: int) -> list[dict]:
 
 def stream_gaps(trace: dict, top: int) -> dict:
     """Busy and idle time of the stream with the most kernel time, and its ``top`` largest gaps."""
-    kernels = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy")]
-    by_stream: dict = {}
-    for e in kernels:
-        by_stream.setdefault(e["args"].get("stream"), []).append(e)
-    stream, events = max(by_stream.items(), key=lambda kv: sum(e["dur"] for e in kv[1]))
-    events.sort(key=lambda e: e["ts"])
+    stream, events = busiest_stream(trace)
     gaps, busy = [], 0.0
     for before, after in zip(events, events[1:], strict=False):
         busy += before["dur"]
