@@ -223,6 +223,10 @@ def _sharded_weight_worker(rank: int, world_size: int, store_path: str) -> None:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 def test_weight_sharded_by_fsdp_is_gathered(tmp_path):
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Seen on an H100: after the GPU tests above, the forked workers die of a signal (CUDA does not survive a
+        # fork); run alone, in a process that has not touched CUDA, the test passes there. CI (no GPU) always runs it.
+        pytest.skip("forked workers cannot start after this process initialized CUDA; run this test on its own")
     # fork: the workers inherit this process's imports (seconds saved per worker on a small machine).
     torch.multiprocessing.start_processes(
         _sharded_weight_worker, args=(2, str(tmp_path / "store")), nprocs=2, start_method="fork"
