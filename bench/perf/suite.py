@@ -12,6 +12,7 @@ call5: 8B QLoRA, swiftune "auto" at batch 4 and 8 x 2048, and swiftune's default
 call6: 8B QLoRA, unsloth at batch 4 x 2048.
 final1b, final8b: the record for issue 12's same-memory targets: 1B LoRA (peft bf16, Liger bf16, unsloth,
        swiftune default and with a 1.2 GiB budget), 8B QLoRA (unsloth, swiftune default and 0.6 GiB, peft).
+attn8b: swiftune 8B QLoRA (ckpt=0.6) with cuDNN attention and with it off (flash), twice each, alternating.
 ab1b, ab8b: swiftune's recompute with and without the down-projection skip, and memory-aware budgets near unsloth's
        peak: 1B LoRA batch 8, 8B QLoRA batch 2.
 ctx:   swiftune 8B QLoRA, batch 1: the longest sequence that trains (409,600 first, then up or down), 512k max.
@@ -75,6 +76,11 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
             {**eight_q, "system": "swiftune", "checkpointing": "0.6"},
             {**eight_q, "system": "peft"},
         ],
+        "attn8b": [  # A, B, A, B: the host drifts less within a pair than across a call
+            {**eight_q, "system": "swiftune", "checkpointing": "0.6", **({"no_cudnn_attention": True} if b else {})}
+            for _ in range(2)
+            for b in (False, True)
+        ],
         "ab8b": [
             {**eight_q, "system": "swiftune", "no_recompute_skip": True},
             {**eight_q, "system": "swiftune"},
@@ -128,6 +134,8 @@ def command(run: dict, profile: bool) -> list[str]:
         args += ["--checkpointing", run["checkpointing"]]
     if run.get("no_recompute_skip"):
         args.append("--no-recompute-skip")
+    if run.get("no_cudnn_attention"):
+        args.append("--no-cudnn-attention")
     if profile and run["system"] == "swiftune" and run.get("points") and not run.get("checkpointing"):
         args.append("--profile")
     return args
@@ -201,7 +209,21 @@ def run_call(name: str, runs: list[dict], profile: bool, out_dir: Path) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    names = ("call1", "call2", "call3", "call4", "call5", "call6", "ab1b", "ab8b", "final1b", "final8b", "curve", "ctx")
+    names = (
+        "call1",
+        "call2",
+        "call3",
+        "call4",
+        "call5",
+        "call6",
+        "ab1b",
+        "ab8b",
+        "attn8b",
+        "final1b",
+        "final8b",
+        "curve",
+        "ctx",
+    )
     parser.add_argument("call", choices=names)
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, every call's logic")
     parser.add_argument("--profile", action="store_true", help="top-15 CUDA kernels of the swiftune runs")

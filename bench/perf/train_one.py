@@ -140,6 +140,8 @@ def measure(args, model, loss_of, config) -> None:
         base["checkpointing"] = args.checkpointing
     if args.no_recompute_skip:
         base["recompute_skip"] = False
+    if args.no_cudnn_attention:
+        base["cudnn_attention"] = False
     for point in [p for p in args.points.split(",") if p and not args.curve]:
         batch_size, seq = (int(v) for v in point.split("x"))
         batch = random_batch(config.vocab_size, batch_size, seq)
@@ -275,8 +277,15 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top-15 kernels by device time")
     parser.add_argument("--checkpointing", default=None, help="swiftune: auto, true, offload or a GiB budget")
     parser.add_argument("--no-recompute-skip", action="store_true", help="swiftune: recompute the down projection")
+    parser.add_argument(
+        "--no-cudnn-attention", action="store_true", help="turn PyTorch's cuDNN attention off (sdpa then uses flash)"
+    )
     args = parser.parse_args()
     CHECKPOINTING.update(mode=_checkpoint_mode(args.checkpointing), no_skip=args.no_recompute_skip)
+    if args.no_cudnn_attention:  # A/B: cuDNN attention costs ~100 us of host time a call where the host bounds a step
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
     from common import emit, model_folder
 
     base = {"system": args.system, "shape": args.shape, "quant": args.quant}
