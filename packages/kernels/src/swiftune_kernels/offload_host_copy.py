@@ -1,5 +1,10 @@
-"""The host copy of one offloaded layer input, in power-of-two pinned pieces, and the registry that orders the
-copies back (each fetch starts the upload of the previous layer's input).
+"""The host copy of one offloaded layer input, in power-of-two pinned pieces, the registry that orders the copies
+back (each fetch starts the upload of the previous layer's input), and the bound on what the copies may pin.
+
+The bound: a host that runs out of memory kills the process, and the whole run with it. A device out-of-memory
+error, by contrast, is an exception the trainer reports. So the copies of a process together pin at most
+:data:`HOST_OFFLOAD_FRACTION` of the host memory that was available when the first copy was made (or the bound
+given to :func:`set_host_offload_bytes`); past it, a layer keeps its input on the device and is recomputed from there.
 
 Used by :mod:`swiftune_kernels.offloaded_checkpoint`. On the CPU the copy is a plain (unpinned) one through the
 same pieces, so that the tests prove the logic there.
@@ -7,7 +12,9 @@ same pieces, so that the tests prove the logic there.
 
 from __future__ import annotations
 
+import os
 import threading
+import warnings
 import weakref
 
 import torch
@@ -70,7 +77,9 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-_LOCK = threading.Lock()
+# Reentrant: a copy freed by the garbage collector (HostCopy.__del__) gives its bytes back, maybe while this thread
+# holds the lock.
+_LOCK = threading.RLock()
 # Host copies not yet fetched back, in forward order. Weak, so a graph freed without backward leaks nothing.
 _PENDING: list[weakref.ref[HostCopy]] = []
 _STREAMS: dict[tuple[int, str], torch.cuda.Stream] = {}
@@ -85,11 +94,81 @@ def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
         return _STREAMS[key]
 
 
+# Share of the host's available memory that offloaded layer inputs may pin: the rest is for the process itself, the
+# other programs of the machine, and the data pipeline.
+HOST_OFFLOAD_FRACTION = 0.7
+# Bytes the live copies hold, and the bound (None until the first copy, or until set_host_offload_bytes).
+_HOST_BUDGET: dict = {"pinned": 0, "bound": None, "warned": False}
+
+
+def available_host_bytes() -> float:
+    """Host memory available to new allocations (Linux MemAvailable; free physical pages elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def set_host_offload_bytes(bound: float | None) -> None:
+    """Bound the host bytes that offloaded layer inputs may hold at once; None: measure it again at the next copy
+    (:data:`HOST_OFFLOAD_FRACTION` of the available host memory)."""
+    if bound is not None and (not isinstance(bound, int | float) or isinstance(bound, bool) or bound < 0):
+        raise ValueError(f"bound must be a non-negative number of bytes or None, got {bound!r}.")
+    with _LOCK:
+        _HOST_BUDGET["bound"] = None if bound is None else float(bound)
+
+
+def host_offload_bytes() -> tuple[int, float | None]:
+    """(bytes the live host copies hold now, the bound: None until the first copy measures it)."""
+    with _LOCK:
+        return _HOST_BUDGET["pinned"], _HOST_BUDGET["bound"]
+
+
+def reserve_host_copy(tensor: torch.Tensor) -> int | None:
+    """Count the host bytes a copy of ``tensor`` would hold against the bound; their number, or None (and a warning,
+    once per process) when they do not fit, in which case the caller keeps the tensor on its device.
+
+    The bound is measured at the first copy of the process, before any of its pinned memory exists: measured later,
+    it would miss the pinned blocks that PyTorch's host allocator keeps cached for the next step's copies.
+    """
+    nbytes = sum(host_piece_sizes(tensor.numel() * tensor.element_size(), HOST_PIECE_MAX_BYTES, HOST_PIECE_MIN_BYTES))
+    with _LOCK:
+        if _HOST_BUDGET["bound"] is None:
+            _HOST_BUDGET["bound"] = HOST_OFFLOAD_FRACTION * available_host_bytes()
+        if _HOST_BUDGET["pinned"] + nbytes <= _HOST_BUDGET["bound"]:
+            _HOST_BUDGET["pinned"] += nbytes
+            return nbytes
+        warn = not _HOST_BUDGET["warned"]
+        _HOST_BUDGET["warned"] = True
+        bound = _HOST_BUDGET["bound"]
+    if warn:
+        warnings.warn(
+            f"Offloaded checkpointing: the layer inputs parked in host memory reached the bound of "
+            f"{bound / 2**30:.1f} GiB ({HOST_OFFLOAD_FRACTION:.0%} of the host memory available at the first copy); "
+            "further layers keep their input on the GPU. If the GPU then runs out of memory, train on shorter "
+            "sequences or on a machine with more RAM.",
+            stacklevel=4,
+        )
+    return None
+
+
+def _release_host_bytes(nbytes: int) -> None:
+    with _LOCK:
+        _HOST_BUDGET["pinned"] = max(0, _HOST_BUDGET["pinned"] - nbytes)
+
+
 class HostCopy:
     """One layer input parked in CPU memory (pinned where CUDA runs), in power-of-two pieces
     (:func:`host_piece_sizes`), with the events that order its download and upload."""
 
-    def __init__(self, tensor: torch.Tensor) -> None:
+    def __init__(self, tensor: torch.Tensor, reserved: int = 0) -> None:
+        """Start the copy of ``tensor``; ``reserved``: the bytes :func:`reserve_host_copy` counted for it, given
+        back when the copy is fetched or freed."""
+        self.reserved = reserved
         self.device = tensor.device
         self.shape, self.dtype = tensor.shape, tensor.dtype
         self.stored: torch.cuda.Event | None = None
@@ -178,4 +257,14 @@ class HostCopy:
         if self.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready)
         tensor, self.restored, self.host = self.restored, None, None
+        self._release()
         return tensor
+
+    def _release(self) -> None:
+        if self.reserved:
+            _release_host_bytes(self.reserved)
+            self.reserved = 0
+
+    def __del__(self) -> None:
+        # A graph freed without its backward frees its copies here: their bytes no longer count against the bound.
+        self._release()

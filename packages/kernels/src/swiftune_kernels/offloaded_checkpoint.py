@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from swiftune_kernels.offload_host_copy import HostCopy
+from swiftune_kernels.offload_host_copy import HostCopy, reserve_host_copy
 
 # Offload a layer input when it holds at least this many elements (batch x seq x hidden). Measured on an H100
 # (2026-11-23, docs/BENCHMARKS.md, 8B-shaped layers): from 512 tokens at hidden 4096 on, offloaded checkpointing
@@ -181,8 +181,11 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         ctx.autocast = _autocast_state(device.type)
         arg_tensors = tensors[: plan.num_arg_tensors]
-        if plan.offload:
-            ctx.host_copy = HostCopy(hidden_states)
+        # Past the bound on host memory (offload_host_copy), the input stays on its device like a recomputed one's.
+        reserved = reserve_host_copy(hidden_states) if plan.offload else None
+        ctx.offloaded = reserved is not None
+        if ctx.offloaded:
+            ctx.host_copy = HostCopy(hidden_states, reserved)
             ctx.save_for_backward(*arg_tensors)
         else:
             ctx.host_copy = None
@@ -201,7 +204,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         plan = ctx.plan
         saved = list(ctx.saved_tensors)
-        if plan.offload:
+        if ctx.offloaded:
             if ctx.host_copy is None:
                 raise RuntimeError(
                     "backward ran twice through an offloaded checkpoint (retain_graph=True); its host copy is freed "

@@ -9,6 +9,10 @@ import os
 import torch
 
 from swiftune_kernels import apply_offloaded_checkpointing
+from swiftune_kernels.offload_host_copy import (
+    HOST_OFFLOAD_FRACTION,
+    available_host_bytes,
+)
 from swiftune_loader.memory_plan import (
     layer_memory,
     loss_bytes_per_token,
@@ -144,23 +148,6 @@ class MemoryAwareCheckpointing:
         self.handle.revert()
 
 
-# Share of the host's available memory that offloaded layer inputs may pin: the rest is for the process itself, the
-# pinned staging of each copy, and the other programs of the machine.
-HOST_OFFLOAD_FRACTION = 0.7
-
-
-def available_host_bytes() -> float:
-    """Host memory available to new allocations (Linux MemAvailable; free physical pages elsewhere)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
 def free_device_bytes(device: torch.device) -> float:
     """Bytes that can still be allocated on ``device``, less :data:`AUTO_HEADROOM` of its total."""
     if device.type == "cuda":
@@ -168,8 +155,6 @@ def free_device_bytes(device: torch.device) -> float:
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return free + cached - AUTO_HEADROOM * total
     try:
-        import os
-
         pages, page_size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         return (1 - AUTO_HEADROOM) * pages * page_size
     except (ValueError, OSError, AttributeError):
