@@ -38,3 +38,23 @@ def reference_only(monkeypatch):
     """Switch the interpreter off so that ops on CPU tensors take the pure-torch reference path."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     yield
+
+
+def _stack_grads(layers, x, dy, checkpointed):
+    from swiftune_kernels import offloaded_checkpoint
+
+    for p in layers.parameters():
+        p.grad = None
+    h = x.clone().requires_grad_()
+    y = h
+    for layer in layers:
+        y = offloaded_checkpoint(layer, y, offload=True) if checkpointed else layer(y)
+    y.backward(dy)
+    return [h.grad, *(p.grad for p in layers.parameters())]
+
+
+@pytest.fixture
+def stack_grads():
+    """``grads(layers, x, dy, checkpointed)``: the gradients of x and of every parameter of ``layers`` run one after
+    the other on x, each through offloaded_checkpoint(offload=True) when ``checkpointed``, else plainly."""
+    return _stack_grads

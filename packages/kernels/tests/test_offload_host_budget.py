@@ -22,23 +22,12 @@ def fresh_budget():
     host._HOST_BUDGET.update(pinned=0, bound=None, warned=False)
 
 
-def _stack_grads(layers, x, dy, checkpointed):
-    for p in layers.parameters():
-        p.grad = None
-    h = x.clone().requires_grad_()
-    y = h
-    for layer in layers:
-        y = offloaded_checkpoint(layer, y, offload=True) if checkpointed else layer(y)
-    y.backward(dy)
-    return [h.grad, *(p.grad for p in layers.parameters())]
-
-
 def _layers(n):
     torch.manual_seed(0)
     return nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(n)).double()
 
 
-def test_layers_past_the_bound_keep_their_input_and_the_gradients_do_not_change(monkeypatch):
+def test_layers_past_the_bound_keep_their_input_and_the_gradients_do_not_change(monkeypatch, stack_grads):
     layers, x = _layers(4), torch.randn(2, 3, 16, dtype=torch.float64)
     dy = torch.randn_like(x)
     per_copy = sum(host.host_piece_sizes(x.numel() * 8))
@@ -53,15 +42,15 @@ def test_layers_past_the_bound_keep_their_input_and_the_gradients_do_not_change(
 
     monkeypatch.setattr(host.HostCopy, "__init__", counting_init)
     with pytest.warns(UserWarning, match="keep their input on the GPU"):
-        got = _stack_grads(layers, x, dy, checkpointed=True)
+        got = stack_grads(layers, x, dy, checkpointed=True)
     assert len(copies) == 2 and max(peak) == 2 * per_copy  # the first two layers offloaded, the others not
     assert host.host_offload_bytes()[0] == 0  # every copy gave its bytes back when fetched
     copies.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per process, not every step
-        _stack_grads(layers, x, dy, checkpointed=True)
+        stack_grads(layers, x, dy, checkpointed=True)
     assert len(copies) == 2
-    for g, w in zip(got, _stack_grads(layers, x, dy, checkpointed=False), strict=True):
+    for g, w in zip(got, stack_grads(layers, x, dy, checkpointed=False), strict=True):
         torch.testing.assert_close(g, w, atol=0.0, rtol=0.0)
 
 

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from swiftune_kernels import offloaded_checkpoint
 from swiftune_kernels.offload_host_copy import host_piece_sizes
 
 # The package re-exports the function under the submodule's name, so fetch the module itself.
@@ -173,7 +172,7 @@ def test_an_input_that_fits_one_piece_is_one_copy():
     assert counter.copies == 2 and torch.equal(got, x)
 
 
-def test_offloaded_checkpoint_gradients_through_pieces_match(tiny_pieces, monkeypatch):
+def test_offloaded_checkpoint_gradients_through_pieces_match(tiny_pieces, monkeypatch, stack_grads):
     """A stack of layers whose offloaded inputs each span several pieces gives the gradients of no checkpointing,
     exactly (the CPU recompute runs the same kernels)."""
     torch.manual_seed(0)
@@ -181,16 +180,6 @@ def test_offloaded_checkpoint_gradients_through_pieces_match(tiny_pieces, monkey
     x = torch.randn(3, 7, 13, dtype=torch.float64)
     assert len(host_piece_sizes(x.numel() * 8, *tiny_pieces)) > 2
     dy = torch.randn_like(x)
-
-    def grads(checkpointed):
-        for p in layers.parameters():
-            p.grad = None
-        h = x.clone().requires_grad_()
-        y = h
-        for layer in layers:
-            y = offloaded_checkpoint(layer, y, offload=True) if checkpointed else layer(y)
-        y.backward(dy)
-        return [h.grad, *(p.grad for p in layers.parameters())]
 
     seen = []
     original = op.HostCopy.__init__
@@ -200,8 +189,8 @@ def test_offloaded_checkpoint_gradients_through_pieces_match(tiny_pieces, monkey
         seen.append(len(self.host))
 
     monkeypatch.setattr(op.HostCopy, "__init__", recording_init)
-    got = grads(True)
-    want = grads(False)
+    got = stack_grads(layers, x, dy, True)
+    want = stack_grads(layers, x, dy, False)
     assert len(seen) == 3 and all(n > 2 for n in seen)  # every layer input went through several pieces
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=0.0, rtol=0.0)
