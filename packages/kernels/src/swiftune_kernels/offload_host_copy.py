@@ -267,4 +267,7 @@ class HostCopy:
 
     def __del__(self) -> None:
         # A graph freed without its backward frees its copies here: their bytes no longer count against the bound.
-        self._release()
+        try:
+            self._release()
+        except (AttributeError, TypeError):  # at interpreter exit, module globals may already be gone
+            pass
