@@ -35,8 +35,8 @@ def test_layers_past_the_bound_keep_their_input_and_the_gradients_do_not_change(
     copies, peak = [], []
     original = host.HostCopy.__init__
 
-    def counting_init(self, tensor, *args):
-        original(self, tensor, *args)
+    def counting_init(self, tensor, *args, **kwargs):
+        original(self, tensor, *args, **kwargs)
         copies.append(self)
         peak.append(host.host_offload_bytes()[0])
 

@@ -378,8 +378,8 @@ def test_backward_prefetches_the_previous_layer_first(monkeypatch):
     log, order = [], {}
     init, prefetch, fetch = host.HostCopy.__init__, host.HostCopy.prefetch, host.HostCopy.fetch
 
-    def numbered_init(self, tensor, *args):
-        init(self, tensor, *args)
+    def numbered_init(self, tensor, *args, **kwargs):
+        init(self, tensor, *args, **kwargs)
         order[id(self)] = len(order)
 
     def logged_prefetch(self):

@@ -184,8 +184,8 @@ def test_offloaded_checkpoint_gradients_through_pieces_match(tiny_pieces, monkey
     seen = []
     original = op.HostCopy.__init__
 
-    def recording_init(self, tensor, *args):
-        original(self, tensor, *args)
+    def recording_init(self, tensor, *args, **kwargs):
+        original(self, tensor, *args, **kwargs)
         seen.append(len(self.host))
 
     monkeypatch.setattr(op.HostCopy, "__init__", recording_init)

@@ -128,20 +128,18 @@ def host_offload_bytes() -> tuple[int, float | None]:
         return _HOST_BUDGET["pinned"], _HOST_BUDGET["bound"]
 
 
-def reserve_host_copy(tensor: torch.Tensor) -> int | None:
-    """Count the host bytes a copy of ``tensor`` would hold against the bound; their number, or None (and a warning,
-    once per process) when they do not fit, in which case the caller keeps the tensor on its device.
+def _reserve_host_bytes(nbytes: int) -> bool:
+    """Count ``nbytes`` of a new copy against the bound; False (and a warning, once per process) when they do not fit.
 
     The bound is measured at the first copy of the process, before any of its pinned memory exists: measured later,
     it would miss the pinned blocks that PyTorch's host allocator keeps cached for the next step's copies.
     """
-    nbytes = sum(host_piece_sizes(tensor.numel() * tensor.element_size(), HOST_PIECE_MAX_BYTES, HOST_PIECE_MIN_BYTES))
     with _LOCK:
         if _HOST_BUDGET["bound"] is None:
             _HOST_BUDGET["bound"] = HOST_OFFLOAD_FRACTION * available_host_bytes()
         if _HOST_BUDGET["pinned"] + nbytes <= _HOST_BUDGET["bound"]:
             _HOST_BUDGET["pinned"] += nbytes
-            return nbytes
+            return True
         warn = not _HOST_BUDGET["warned"]
         _HOST_BUDGET["warned"] = True
         bound = _HOST_BUDGET["bound"]
@@ -151,9 +149,9 @@ def reserve_host_copy(tensor: torch.Tensor) -> int | None:
             f"{bound / 2**30:.1f} GiB ({HOST_OFFLOAD_FRACTION:.0%} of the host memory available at the first copy); "
             "further layers keep their input on the GPU. If the GPU then runs out of memory, train on shorter "
             "sequences or on a machine with more RAM.",
-            stacklevel=4,
+            stacklevel=5,
         )
-    return None
+    return False
 
 
 def _release_host_bytes(nbytes: int) -> None:
@@ -165,9 +163,18 @@ class HostCopy:
     """One layer input parked in CPU memory (pinned where CUDA runs), in power-of-two pieces
     (:func:`host_piece_sizes`), with the events that order its download and upload."""
 
-    def __init__(self, tensor: torch.Tensor, reserved: int = 0) -> None:
-        """Start the copy of ``tensor``; ``reserved``: the bytes :func:`reserve_host_copy` counted for it, given
-        back when the copy is fetched or freed."""
+    @classmethod
+    def park(cls, tensor: torch.Tensor) -> HostCopy | None:
+        """Start a copy of ``tensor`` whose bytes count against the host bound until it is fetched or freed; None,
+        and no copy, when they do not fit (the caller then keeps ``tensor`` on its device)."""
+        sizes = host_piece_sizes(tensor.numel() * tensor.element_size(), HOST_PIECE_MAX_BYTES, HOST_PIECE_MIN_BYTES)
+        if not _reserve_host_bytes(sum(sizes)):
+            return None
+        return cls(tensor, sizes, reserved=sum(sizes))
+
+    def __init__(self, tensor: torch.Tensor, sizes: list[int] | None = None, reserved: int = 0) -> None:
+        """Start the copy of ``tensor`` into pieces of ``sizes`` (default :func:`host_piece_sizes`); ``reserved``:
+        the bytes counted against the host bound for it (:meth:`park`), given back when it is fetched or freed."""
         self.reserved = reserved
         self.device = tensor.device
         self.shape, self.dtype = tensor.shape, tensor.dtype
@@ -176,7 +183,9 @@ class HostCopy:
         self.ready: torch.cuda.Event | None = None
         # The CPU takes the same pieces, unpinned, so that its tests prove the split and the reassembly.
         pin = tensor.is_cuda
-        sizes = host_piece_sizes(tensor.numel() * tensor.element_size(), HOST_PIECE_MAX_BYTES, HOST_PIECE_MIN_BYTES)
+        if sizes is None:
+            nbytes = tensor.numel() * tensor.element_size()
+            sizes = host_piece_sizes(nbytes, HOST_PIECE_MAX_BYTES, HOST_PIECE_MIN_BYTES)
         self.host: _HostPieces | None = _HostPieces(
             torch.empty(size, dtype=torch.uint8, pin_memory=pin) for size in sizes
         )

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from swiftune_kernels.offload_host_copy import HostCopy, reserve_host_copy
+from swiftune_kernels.offload_host_copy import HostCopy
 
 # Offload a layer input when it holds at least this many elements (batch x seq x hidden). Measured on an H100
 # (2026-11-23, docs/BENCHMARKS.md, 8B-shaped layers): from 512 tokens at hidden 4096 on, offloaded checkpointing
@@ -182,13 +182,11 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.autocast = _autocast_state(device.type)
         arg_tensors = tensors[: plan.num_arg_tensors]
         # Past the bound on host memory (offload_host_copy), the input stays on its device like a recomputed one's.
-        reserved = reserve_host_copy(hidden_states) if plan.offload else None
-        ctx.offloaded = reserved is not None
+        ctx.host_copy = HostCopy.park(hidden_states) if plan.offload else None
+        ctx.offloaded = ctx.host_copy is not None
         if ctx.offloaded:
-            ctx.host_copy = HostCopy(hidden_states, reserved)
             ctx.save_for_backward(*arg_tensors)
         else:
-            ctx.host_copy = None
             ctx.save_for_backward(hidden_states, *arg_tensors)
         token = _CHECKPOINTED_FORWARD.set(plan.whole_layer)
         try:
