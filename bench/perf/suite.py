@@ -13,6 +13,8 @@ call6: 8B QLoRA, unsloth at batch 4 x 2048.
 final1b, final8b: the record for issue 12's same-memory targets: 1B LoRA (peft bf16, Liger bf16, unsloth,
        swiftune default and with a 1.2 GiB budget), 8B QLoRA (unsloth, swiftune default and 0.6 GiB, peft).
 attn8b: swiftune 8B QLoRA (ckpt=0.6) with cuDNN attention and with it off (flash), twice each, alternating.
+park8b: unsloth 8B QLoRA, then swiftune (default and ckpt=0.6) with the MLP's gate and up parked on the host for
+       the recompute and without (--no-park), alternating.
 ab1b, ab8b: swiftune's recompute with and without the down-projection skip, and memory-aware budgets near unsloth's
        peak: 1B LoRA batch 8, 8B QLoRA batch 2.
 ctx:   swiftune 8B QLoRA, batch 1: the longest sequence that trains (409,600 first, then up or down), 512k max.
@@ -81,6 +83,17 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
             for _ in range(2)
             for b in (False, True)
         ],
+        "park8b": [{**eight_q, "system": "unsloth", "limit": 280}]
+        + [
+            {
+                **eight_q,
+                "system": "swiftune",
+                **({"checkpointing": ckpt} if ckpt else {}),
+                **({"no_park": True} if b else {}),
+            }
+            for ckpt in (None, "0.6")
+            for b in (False, True)
+        ],
         "ab8b": [
             {**eight_q, "system": "swiftune", "no_recompute_skip": True},
             {**eight_q, "system": "swiftune"},
@@ -136,6 +149,8 @@ def command(run: dict, profile: bool) -> list[str]:
         args.append("--no-recompute-skip")
     if run.get("no_cudnn_attention"):
         args.append("--no-cudnn-attention")
+    if run.get("no_park"):
+        args.append("--no-park")
     if profile and run["system"] == "swiftune" and run.get("points") and not run.get("checkpointing"):
         args.append("--profile")
     return args
@@ -219,6 +234,7 @@ def main() -> None:
         "ab1b",
         "ab8b",
         "attn8b",
+        "park8b",
         "final1b",
         "final8b",
         "curve",

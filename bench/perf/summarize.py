@@ -21,6 +21,8 @@ def label(r: dict) -> str:
         text += f" ckpt={r['checkpointing']}"
     if r.get("recompute_skip") is False:
         text += " no-skip"
+    if r.get("park") is False:
+        text += " no-park"
     return text
 
 

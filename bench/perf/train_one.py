@@ -96,6 +96,11 @@ def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int, overri
         for module in model.modules():
             if hasattr(module, "_swiftune_output_to_residual"):
                 module._swiftune_output_to_residual = False
+    if CHECKPOINTING.get("no_park"):  # A/B: offloaded layers recompute gate and up instead of parking them
+        for module in model.modules():
+            handle = module.__dict__.get("_swiftune_offload")
+            if handle is not None:
+                getattr(handle, "handle", handle).park_intermediates = False
     model.train()
     return model, lambda m, b: fused_causal_lm_loss(m, b)
 
@@ -142,6 +147,8 @@ def measure(args, model, loss_of, config) -> None:
         base["recompute_skip"] = False
     if args.no_cudnn_attention:
         base["cudnn_attention"] = False
+    if args.no_park:
+        base["park"] = False
     for point in [p for p in args.points.split(",") if p and not args.curve]:
         batch_size, seq = (int(v) for v in point.split("x"))
         batch = random_batch(config.vocab_size, batch_size, seq)
@@ -277,11 +284,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top-15 kernels by device time")
     parser.add_argument("--checkpointing", default=None, help="swiftune: auto, true, offload or a GiB budget")
     parser.add_argument("--no-recompute-skip", action="store_true", help="swiftune: recompute the down projection")
+    parser.add_argument("--no-park", action="store_true", help="swiftune: recompute gate and up, park nothing")
     parser.add_argument(
         "--no-cudnn-attention", action="store_true", help="turn PyTorch's cuDNN attention off (sdpa then uses flash)"
     )
     args = parser.parse_args()
-    CHECKPOINTING.update(mode=_checkpoint_mode(args.checkpointing), no_skip=args.no_recompute_skip)
+    CHECKPOINTING.update(
+        mode=_checkpoint_mode(args.checkpointing), no_skip=args.no_recompute_skip, no_park=args.no_park
+    )
     if args.no_cudnn_attention:  # A/B: cuDNN attention costs ~100 us of host time a call where the host bounds a step
         import torch
 

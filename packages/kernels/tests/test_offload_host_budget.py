@@ -17,9 +17,9 @@ host = importlib.import_module("swiftune_kernels.offload_host_copy")
 @pytest.fixture(autouse=True)
 def fresh_budget():
     """Each test starts with no copies counted and the bound not yet measured, and leaves it that way."""
-    host._HOST_BUDGET.update(pinned=0, bound=None, warned=False)
+    host._HOST_BUDGET.update(pinned=0, bound=None, warned=False, shared=0)
     yield
-    host._HOST_BUDGET.update(pinned=0, bound=None, warned=False)
+    host._HOST_BUDGET.update(pinned=0, bound=None, warned=False, shared=0)
 
 
 def _layers(n):

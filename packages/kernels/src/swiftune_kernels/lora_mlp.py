@@ -53,6 +53,7 @@ from swiftune_kernels.lora_linear import (
     project_forward,
     weight_shape,
 )
+from swiftune_kernels.recompute_parking import park_for_recompute, take_parked
 from swiftune_kernels.reference import lora as _reference
 from swiftune_kernels.reference.gated_activation import gated_activation as _reference_gated_activation
 
@@ -165,6 +166,17 @@ def _backward_rows(dy2, x2, gate, up, xa_g, xa_u, ha, cast, weights, scales, act
     return dx, (ga_grad, gb_grad, ua_grad, ub_grad, grad_da, grad_db)
 
 
+def _project_parked(x2, weight, a, b, s, key):
+    """:func:`project_forward`, parked for the recompute in a checkpointed layer's forward; in its recompute, the
+    parked result instead of the base matmul (and its dequantization), with only the thin xa = x2 @ A.T computed."""
+    y = take_parked(key, torch.Size((x2.shape[0], b.shape[0])), x2.dtype)
+    if y is not None:
+        return y, torch.mm(x2, a.t())
+    y, xa = project_forward(x2, weight, a, b, s)
+    park_for_recompute(key, y)
+    return y, xa
+
+
 def _tiled_forward(x2, cast, weights, scales, activation, rows):
     """y (T, hidden) computed ``rows`` tokens at a time; no (T x I) buffer is made."""
     (g_w, u_w, d_w), (g_s, u_s, d_s) = weights, scales
@@ -227,8 +239,9 @@ class LoRAMLPFunction(torch.autograd.Function):
                 y = x2.new_full((x2.shape[0], _out_features(d_w)), float("nan"))
             ctx.save_for_backward(x2, *cast)
         else:
-            gate, xa_g = project_forward(x2, g_w, cast[0], cast[1], g_s)
-            up, xa_u = project_forward(x2, u_w, cast[2], cast[3], u_s)
+            # keyed by the adapters, which the recompute gets again (their casts may be new tensors)
+            gate, xa_g = _project_parked(x2, g_w, cast[0], cast[1], g_s, ("lora_mlp.gate", id(g_a)))
+            up, xa_u = _project_parked(x2, u_w, cast[2], cast[3], u_s, ("lora_mlp.up", id(u_a)))
             if output_needed:
                 h = _act_forward(gate, up, activation)
                 y, ha = project_forward(h, d_w, cast[4], cast[5], d_s)

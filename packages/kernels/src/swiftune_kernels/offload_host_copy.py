@@ -98,7 +98,7 @@ def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
 # other programs of the machine, and the data pipeline.
 HOST_OFFLOAD_FRACTION = 0.7
 # Bytes the live copies hold, and the bound (None until the first copy, or until set_host_offload_bytes).
-_HOST_BUDGET: dict = {"pinned": 0, "bound": None, "warned": False}
+_HOST_BUDGET: dict = {"pinned": 0, "bound": None, "warned": False, "shared": 0}
 
 
 def available_host_bytes() -> float:
@@ -128,8 +128,12 @@ def host_offload_bytes() -> tuple[int, float | None]:
         return _HOST_BUDGET["pinned"], _HOST_BUDGET["bound"]
 
 
-def _reserve_host_bytes(nbytes: int) -> bool:
-    """Count ``nbytes`` of a new copy against the bound; False (and a warning, once per process) when they do not fit.
+def _reserve_host_bytes(nbytes: int, share: float | None = None) -> bool:
+    """Count ``nbytes`` of a new copy against the bound; False when they do not fit.
+
+    ``share``: the copy is one of the optional kind (recompute_parking), whose copies together may hold at most
+    that fraction of the bound and are refused silently; the layer inputs' copies (``share`` None) may use it all,
+    and warn once per process when refused.
 
     The bound is measured at the first copy of the process, before any of its pinned memory exists: measured later,
     it would miss the pinned blocks that PyTorch's host allocator keeps cached for the next step's copies.
@@ -137,12 +141,19 @@ def _reserve_host_bytes(nbytes: int) -> bool:
     with _LOCK:
         if _HOST_BUDGET["bound"] is None:
             _HOST_BUDGET["bound"] = HOST_OFFLOAD_FRACTION * available_host_bytes()
-        if _HOST_BUDGET["pinned"] + nbytes <= _HOST_BUDGET["bound"]:
+        bound = _HOST_BUDGET["bound"]
+        fits = _HOST_BUDGET["pinned"] + nbytes <= bound
+        if share is not None:
+            if fits and _HOST_BUDGET["shared"] + nbytes <= share * bound:
+                _HOST_BUDGET["pinned"] += nbytes
+                _HOST_BUDGET["shared"] += nbytes
+                return True
+            return False
+        if fits:
             _HOST_BUDGET["pinned"] += nbytes
             return True
         warn = not _HOST_BUDGET["warned"]
         _HOST_BUDGET["warned"] = True
-        bound = _HOST_BUDGET["bound"]
     if warn:
         warnings.warn(
             f"Offloaded checkpointing: the layer inputs parked in host memory reached the bound of "
@@ -154,9 +165,11 @@ def _reserve_host_bytes(nbytes: int) -> bool:
     return False
 
 
-def _release_host_bytes(nbytes: int) -> None:
+def _release_host_bytes(nbytes: int, shared: bool = False) -> None:
     with _LOCK:
         _HOST_BUDGET["pinned"] = max(0, _HOST_BUDGET["pinned"] - nbytes)
+        if shared:
+            _HOST_BUDGET["shared"] = max(0, _HOST_BUDGET["shared"] - nbytes)
 
 
 class HostCopy:
@@ -164,23 +177,35 @@ class HostCopy:
     (:func:`host_piece_sizes`), with the events that order its download and upload."""
 
     @classmethod
-    def park(cls, tensor: torch.Tensor) -> HostCopy | None:
+    def park(cls, tensor: torch.Tensor, register: bool = True, share: float | None = None) -> HostCopy | None:
         """Start a copy of ``tensor`` whose bytes count against the host bound until it is fetched or freed; None,
-        and no copy, when they do not fit (the caller then keeps ``tensor`` on its device)."""
+        and no copy, when they do not fit (the caller then keeps ``tensor`` on its device). ``register`` and
+        ``share``: as in :meth:`__init__` and ``_reserve_host_bytes``."""
         sizes = host_piece_sizes(tensor.numel() * tensor.element_size(), HOST_PIECE_MAX_BYTES, HOST_PIECE_MIN_BYTES)
-        if not _reserve_host_bytes(sum(sizes)):
+        if not _reserve_host_bytes(sum(sizes), share):
             return None
-        return cls(tensor, sizes, reserved=sum(sizes))
+        return cls(tensor, sizes, reserved=sum(sizes), register=register, shared=share is not None)
 
-    def __init__(self, tensor: torch.Tensor, sizes: list[int] | None = None, reserved: int = 0) -> None:
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        sizes: list[int] | None = None,
+        reserved: int = 0,
+        register: bool = True,
+        shared: bool = False,
+    ) -> None:
         """Start the copy of ``tensor`` into pieces of ``sizes`` (default :func:`host_piece_sizes`); ``reserved``:
-        the bytes counted against the host bound for it (:meth:`park`), given back when it is fetched or freed."""
-        self.reserved = reserved
+        the bytes counted against the host bound for it (:meth:`park`), given back when it is fetched or freed.
+        ``register``: join the layer-input order, so that fetching this copy starts the upload of the one
+        registered before it (False for copies that travel with a registered one, as its ``followers``)."""
+        self.reserved, self.shared = reserved, shared
         self.device = tensor.device
         self.shape, self.dtype = tensor.shape, tensor.dtype
         self.stored: torch.cuda.Event | None = None
         self.restored: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
+        # Objects with a prefetch() (a recompute_parking.ParkingLot) whose uploads start right after this one's.
+        self.followers: list = []
         # The CPU takes the same pieces, unpinned, so that its tests prove the split and the reassembly.
         pin = tensor.is_cuda
         if sizes is None:
@@ -203,9 +228,10 @@ class HostCopy:
         else:
             # CPU: the input is released exactly as on the GPU (the pieces own new storage) and the tests see it.
             self._copy_pieces(_byte_view(tensor), to_host=True)
-        with _LOCK:
-            _PENDING[:] = [ref for ref in _PENDING if ref() is not None]
-            _PENDING.append(weakref.ref(self))
+        if register:
+            with _LOCK:
+                _PENDING[:] = [ref for ref in _PENDING if ref() is not None]
+                _PENDING.append(weakref.ref(self))
 
     @property
     def host_bytes(self) -> int:
@@ -225,9 +251,13 @@ class HostCopy:
             start += length
 
     def prefetch(self) -> None:
-        """Start the upload (idempotent); the backward of the next-later layer calls this for us."""
-        if self.restored is not None or self.host is None:
-            return
+        """Start the upload (idempotent), then the followers'; the backward of the next-later layer calls this."""
+        if self.restored is None and self.host is not None:
+            self._upload()
+        for follower in self.followers:
+            follower.prefetch()
+
+    def _upload(self) -> None:
         # Contiguous, so its flat byte view shares its storage and the pieces land in it.
         restored = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         if self.stored is None:
@@ -269,9 +299,14 @@ class HostCopy:
         self._release()
         return tensor
 
+    def discard(self) -> None:
+        """Free the host copy without bringing it back (a pending upload keeps its buffers until it is done)."""
+        self.restored, self.host = None, None
+        self._release()
+
     def _release(self) -> None:
         if self.reserved:
-            _release_host_bytes(self.reserved)
+            _release_host_bytes(self.reserved, self.shared)
             self.reserved = 0
 
     def __del__(self) -> None:

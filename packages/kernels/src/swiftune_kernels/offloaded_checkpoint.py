@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from swiftune_kernels.offload_host_copy import HostCopy
+from swiftune_kernels.recompute_parking import ParkingLot, parked_for_recompute, parking_for_forward
 
 # Offload a layer input when it holds at least this many elements (batch x seq x hidden). Measured on an H100
 # (2026-11-23, docs/BENCHMARKS.md, 8B-shaped layers): from 512 tokens at hidden 4096 on, offloaded checkpointing
@@ -140,10 +141,11 @@ class _Plan:
     """What forward and backward share that is not a tensor: the function, argument structure, options."""
 
     def __init__(
-        self, run_function, spec, num_arg_tensors, params, offload, preserve_rng_state, whole_layer=False
+        self, run_function, spec, num_arg_tensors, params, offload, preserve_rng_state, whole_layer=False, park=False
     ) -> None:
         self.run_function = run_function
         self.whole_layer = whole_layer  # a decoder layer wrapped per layer: recomputing_for_backward() holds
+        self.park = park  # its forward may park intermediates for its recompute (recompute_parking)
         self.spec = spec  # (args, kwargs) with _Slot in place of tensors
         self.num_arg_tensors = num_arg_tensors
         self.params = params  # the layer's trainable parameters, or None when layer_fn is not a module's
@@ -188,9 +190,14 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             ctx.save_for_backward(*arg_tensors)
         else:
             ctx.save_for_backward(hidden_states, *arg_tensors)
+        # A whole layer with its input parked may park intermediates too (recompute_parking); they go back with it.
+        ctx.lot = ParkingLot() if ctx.offloaded and plan.whole_layer and plan.park else None
+        if ctx.lot is not None:
+            ctx.host_copy.followers.append(ctx.lot)
         token = _CHECKPOINTED_FORWARD.set(plan.whole_layer)
         try:
-            plan.output_spec, out_tensors = plan.run(hidden_states, arg_tensors)
+            with parking_for_forward(ctx.lot):
+                plan.output_spec, out_tensors = plan.run(hidden_states, arg_tensors)
         finally:
             _CHECKPOINTED_FORWARD.reset(token)
         if not out_tensors:
@@ -212,6 +219,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             hidden_states, ctx.host_copy = ctx.host_copy.fetch(), None
         else:
             hidden_states = saved.pop(0)
+        lot, ctx.lot = ctx.lot, None  # what the forward parked for this recompute (recompute_parking)
         needs = ctx.needs_input_grad[1:]  # hidden_states, argument tensors, then parameters
         num_inputs = 1 + len(saved)
         inputs = [
@@ -231,7 +239,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
                     )
                 token = _RECOMPUTING_LAYER.set(plan.whole_layer)
                 try:
-                    _, out_tensors = plan.run(inputs[0], inputs[1:])
+                    with parked_for_recompute(lot):
+                        _, out_tensors = plan.run(inputs[0], inputs[1:])
                 finally:
                     _RECOMPUTING_LAYER.reset(token)
         if len(out_tensors) != len(grad_outputs):
@@ -309,7 +318,9 @@ def offloaded_checkpoint(
     return _checkpoint(layer_fn, _layer_parameters(layer_fn), hidden_states, args, kwargs, offload, preserve_rng_state)
 
 
-def _checkpoint(layer_fn, params, hidden_states, args, kwargs, offload, preserve_rng_state, whole_layer=False):
+def _checkpoint(
+    layer_fn, params, hidden_states, args, kwargs, offload, preserve_rng_state, whole_layer=False, park=False
+):
     if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
         got = hidden_states.dtype if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
         raise TypeError(f"hidden_states must be a floating-point tensor, got {got}.")
@@ -323,7 +334,7 @@ def _checkpoint(layer_fn, params, hidden_states, args, kwargs, offload, preserve
         seq_len = shape[-2] if hidden_states.dim() >= 2 else 1
         batch = max(1, hidden_states.numel() // max(1, seq_len * shape[-1]))
         offload = checkpoint_policy(max(1, seq_len), max(1, shape[-1]), batch, hidden_states.device) == "offload"
-    plan = _Plan(layer_fn, spec, len(arg_tensors), params, bool(offload), preserve_rng_state, whole_layer)
+    plan = _Plan(layer_fn, spec, len(arg_tensors), params, bool(offload), preserve_rng_state, whole_layer, park)
     out_tensors = OffloadedCheckpointFunction.apply(plan, hidden_states, *arg_tensors, *(params or []))
     return _fill(plan.output_spec, list(out_tensors))
 
@@ -359,7 +370,9 @@ def _watch_structure() -> None:
 class _CheckpointedForward:
     """Stands in for ``module.forward`` (an instance attribute): checkpoints the original bound forward."""
 
-    def __init__(self, module: nn.Module, forward: Callable, policy: str, preserve_rng_state: bool) -> None:
+    def __init__(
+        self, module: nn.Module, forward: Callable, policy: str, preserve_rng_state: bool, park: bool = False
+    ) -> None:
         self.module_name = type(module).__name__
         # The module is known here even when `forward` hides it (accelerate's functools.partial hooks).
         self.parameters, self.modules = module.parameters, module.modules
@@ -367,6 +380,7 @@ class _CheckpointedForward:
         self.offload = {"auto": None, "offload": True, "recompute": False}[policy]
         self.checkpoint = True  # False: the layer runs as is and keeps its activations (a memory plan's choice)
         self.preserve_rng_state = preserve_rng_state
+        self.park = park  # an offloaded layer's forward parks intermediates for its recompute (recompute_parking)
         self._parameters_seen: tuple[int, list[nn.Parameter]] | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -407,7 +421,15 @@ class _CheckpointedForward:
                 )
                 kwargs.update({k: _CACHE_KWARGS[k] for k in dropped})
         return _checkpoint(
-            self.forward, params, hidden_states, args, kwargs, self.offload, self.preserve_rng_state, whole_layer=True
+            self.forward,
+            params,
+            hidden_states,
+            args,
+            kwargs,
+            self.offload,
+            self.preserve_rng_state,
+            whole_layer=True,
+            park=self.park,
         )
 
 
@@ -426,6 +448,16 @@ class OffloadedCheckpointingHandle:
         """Each layer's mode now: "none" (not checkpointed), "auto", "offload" or "recompute"."""
         names = {None: "auto", True: "offload", False: "recompute"}
         return [names[w.offload] if w.checkpoint else "none" for _, w, _ in self._entries]
+
+    @property
+    def park_intermediates(self) -> bool:
+        """Whether offloaded layers park intermediates for their recompute (:func:`apply_offloaded_checkpointing`)."""
+        return all(w.park for _, w, _ in self._entries)
+
+    @park_intermediates.setter
+    def park_intermediates(self, park: bool) -> None:
+        for _, wrapper, _ in self._entries:
+            wrapper.park = bool(park)
 
     def set_modes(self, modes: list[str]) -> None:
         """Give each layer, in order, a mode: "none" keeps its activations (no recompute, fastest), "recompute"
@@ -459,6 +491,7 @@ def apply_offloaded_checkpointing(
     model_layers: Iterable[nn.Module],
     policy: str = "auto",
     preserve_rng_state: bool = True,
+    park_intermediates: bool = True,
 ) -> OffloadedCheckpointingHandle:
     """Checkpoint every layer of ``model_layers`` (e.g. ``model.model.layers``), offloading inputs where it pays.
 
@@ -471,6 +504,10 @@ def apply_offloaded_checkpointing(
         model_layers: decoder layers, in the order the model calls them.
         policy: "auto" (:func:`checkpoint_policy` per call, from the input's shape), "offload" or "recompute".
         preserve_rng_state: restore the RNG state for each recompute so that dropout masks match.
+        park_intermediates: let a layer whose input is offloaded also park, in host memory, the intermediates its
+            kernels offer for the recompute to take back instead of computing them again (the fused LoRA MLP's gate
+            and up; :mod:`swiftune_kernels.recompute_parking`). Same gradients, less recompute, more PCIe traffic
+            and host memory. Also settable later on the handle.
 
     Returns:
         A handle whose ``revert()`` restores every original forward.
@@ -494,7 +531,7 @@ def apply_offloaded_checkpointing(
     entries = []
     for layer in layers:
         previous = layer.__dict__.get("forward")  # accelerate and others set an instance forward too
-        wrapper = _CheckpointedForward(layer, layer.forward, policy, preserve_rng_state)
+        wrapper = _CheckpointedForward(layer, layer.forward, policy, preserve_rng_state, park_intermediates)
         layer.forward = wrapper
         entries.append((layer, wrapper, previous))
     return OffloadedCheckpointingHandle(entries)

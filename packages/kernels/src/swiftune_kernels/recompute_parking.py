@@ -1,0 +1,143 @@
+"""Intermediates that a checkpointed layer's forward parks in host memory for its recompute to take back.
+
+A checkpointed layer runs its forward twice: once keeping nothing, and again in backward to rebuild the graph.
+Part of what that recompute rebuilds costs far more tensor-core time than copy-engine time: the gate and up
+pre-activations of a Llama-8B MLP are ~70% of a recomputed layer's FLOPs (two T x 4096 x 14336 matmuls, and
+their NF4 dequantization under QLoRA), and the copy engines that would move them sit idle otherwise. So the first
+forward may park such a tensor here (a copy to pinned host memory on a side stream), and the recompute takes it
+back instead of computing it.
+
+The copies ride with the layer's offloaded input (:class:`swiftune_kernels.offload_host_copy.HostCopy`): they
+start back to the device when the input does, while the next-later layer runs its backward, and what the recompute
+did not take is freed after it. Only layers whose input is offloaded park (a lot exists only there), and the
+parked tensors never take more than :data:`PARK_HOST_SHARE` of the host bound, so that layer inputs, which free
+device memory, keep priority over intermediates, which only save time.
+
+Correctness rests on what checkpointing already assumes: the recompute repeats the forward exactly (same inputs,
+same RNG state), so the parked tensor is the one the recompute would compute. A taker names what it expects (a
+key, shape and dtype) and computes the tensor itself when the next parked one does not match.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+from collections.abc import Hashable, Iterator
+
+import torch
+
+from swiftune_kernels.offload_host_copy import HostCopy
+
+# Share of the host bound (offload_host_copy) that parked intermediates may hold together.
+PARK_HOST_SHARE = 0.5
+# Parked copies whose download may still be running when the next one is queued. Past it, the device's main stream
+# waits for the oldest: a copy keeps its device buffer alive until it has read it, so a link slower than the
+# compute would otherwise pile these buffers up without bound.
+PARK_MAX_IN_FLIGHT = 4
+
+_FORWARD_LOT: contextvars.ContextVar[ParkingLot | None] = contextvars.ContextVar("swiftune_park", default=None)
+_RECOMPUTE_LOT: contextvars.ContextVar[ParkingLot | None] = contextvars.ContextVar("swiftune_unpark", default=None)
+_IN_FLIGHT: collections.deque = collections.deque()  # (device, download event) of the latest parked copies
+
+
+class ParkingLot:
+    """The intermediates one checkpointed layer's forward parked, in the order it parked them."""
+
+    def __init__(self) -> None:
+        self.copies: collections.deque[tuple[Hashable, HostCopy]] = collections.deque()
+
+    def park(self, key: Hashable, tensor: torch.Tensor) -> bool:
+        """Start a host copy of ``tensor`` under ``key``; False (nothing parked) when the host bound is reached."""
+        if tensor.is_cuda:
+            _wait_for_old_downloads(tensor.device)
+        copy = HostCopy.park(tensor, register=False, share=PARK_HOST_SHARE)
+        if copy is None:
+            return False
+        self.copies.append((key, copy))
+        if copy.stored is not None:
+            _IN_FLIGHT.append((tensor.device, copy.stored))
+        return True
+
+    def prefetch(self) -> None:
+        """Start every parked copy's upload (idempotent)."""
+        for _, copy in self.copies:
+            copy.prefetch()
+
+    def take(self, key: Hashable, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        """The next parked tensor on the device when it is ``key`` with ``shape`` and ``dtype``; else None, and
+        everything parked is dropped (the recompute did not repeat the forward, so nothing later can be trusted)."""
+        if not self.copies:
+            return None
+        parked_key, copy = self.copies[0]
+        if parked_key != key or copy.shape != shape or copy.dtype != dtype:
+            self.release()
+            return None
+        self.copies.popleft()
+        return copy.fetch()
+
+    def release(self) -> None:
+        """Drop what was not taken; its host bytes count no more."""
+        while self.copies:
+            _, copy = self.copies.popleft()
+            copy.discard()
+
+    def __len__(self) -> int:
+        return len(self.copies)
+
+
+def _wait_for_old_downloads(device: torch.device) -> None:
+    while _IN_FLIGHT and _IN_FLIGHT[0][1].query():
+        _IN_FLIGHT.popleft()
+    while len(_IN_FLIGHT) >= PARK_MAX_IN_FLIGHT:
+        old_device, event = _IN_FLIGHT.popleft()
+        if old_device == device:
+            torch.cuda.current_stream(device).wait_event(event)
+
+
+@contextlib.contextmanager
+def parking_for_forward(lot: ParkingLot | None) -> Iterator[None]:
+    """While a checkpointed layer runs its first forward: :func:`park_for_recompute` parks into ``lot``."""
+    token = _FORWARD_LOT.set(lot)
+    try:
+        yield
+    finally:
+        _FORWARD_LOT.reset(token)
+
+
+@contextlib.contextmanager
+def parked_for_recompute(lot: ParkingLot | None) -> Iterator[None]:
+    """While a checkpointed layer is recomputed: :func:`take_parked` takes from ``lot``; the rest is dropped after."""
+    token = _RECOMPUTE_LOT.set(lot)
+    try:
+        yield
+    finally:
+        _RECOMPUTE_LOT.reset(token)
+        if lot is not None:
+            lot.release()
+
+
+def park_for_recompute(key: Hashable, tensor: torch.Tensor) -> bool:
+    """In a checkpointed layer's first forward, park ``tensor`` for the layer's recompute to take back with
+    :func:`take_parked` (same ``key``); True when it was parked. Do not write ``tensor`` in place afterwards: the
+    copy may still be reading it."""
+    lot = _FORWARD_LOT.get()
+    return lot.park(key, tensor) if lot is not None else False
+
+
+def take_parked(key: Hashable, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+    """In a checkpointed layer's recompute, the tensor its forward parked under ``key`` (on the device, ready on
+    the current stream), or None: compute it then."""
+    lot = _RECOMPUTE_LOT.get()
+    return lot.take(key, shape, dtype) if lot is not None else None
+
+
+def parking_now() -> bool:
+    """Whether :func:`park_for_recompute` would park now (a checkpointed forward with an offloaded input)."""
+    return _FORWARD_LOT.get() is not None
+
+
+def parked_waiting() -> bool:
+    """Whether the recompute running now has parked tensors left to take."""
+    lot = _RECOMPUTE_LOT.get()
+    return lot is not None and len(lot) > 0

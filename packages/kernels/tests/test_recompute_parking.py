@@ -1,0 +1,170 @@
+"""Intermediates parked by a checkpointed layer's forward for its recompute: the fused LoRA MLP's gate and up go to
+the host with the layer's input and come back instead of being computed again, with the same gradients."""
+
+import gc
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from swiftune_kernels import apply_offloaded_checkpointing, lora_mlp, recomputing_for_backward
+
+host = importlib.import_module("swiftune_kernels.offload_host_copy")
+parking = importlib.import_module("swiftune_kernels.recompute_parking")
+mlp_module = importlib.import_module("swiftune_kernels.lora_mlp")
+
+HIDDEN, INTER, RANK = 16, 40, 4
+
+
+@pytest.fixture(autouse=True)
+def fresh_budget():
+    """No copies counted and the bound not yet measured, before and after each test."""
+    host._HOST_BUDGET.update(pinned=0, bound=None, warned=False, shared=0)
+    yield
+    host._HOST_BUDGET.update(pinned=0, bound=None, warned=False, shared=0)
+
+
+class TinyLoRAMLPLayer(nn.Module):
+    """A pre-norm residual block around lora_mlp, the way the patched Llama layer calls it: the recompute skips
+    the down projection (``output_needed=False``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_w, self.up_w = (nn.Parameter(torch.randn(INTER, HIDDEN) / 4, requires_grad=False) for _ in "gu")
+        self.down_w = nn.Parameter(torch.randn(HIDDEN, INTER) / 6, requires_grad=False)
+        self.adapters = nn.ParameterList(
+            nn.Parameter(torch.randn(shape) / 3)
+            for shape in [(RANK, HIDDEN), (INTER, RANK), (RANK, HIDDEN), (INTER, RANK), (RANK, INTER), (HIDDEN, RANK)]
+        )
+
+    def forward(self, x):
+        ga, gb, ua, ub, da, db = self.adapters
+        y = lora_mlp(
+            torch.tanh(x), self.gate_w, ga, gb, 0.5, self.up_w, ua, ub, 0.5, self.down_w, da, db, 0.5,
+            output_needed=not recomputing_for_backward(),
+        )  # fmt: skip
+        return x + y
+
+
+def _stack(n=3):
+    torch.manual_seed(0)
+    return nn.ModuleList(TinyLoRAMLPLayer() for _ in range(n))
+
+
+def _grads(layers, x, dy, checkpointing=None, park=True):
+    for p in layers.parameters():
+        p.grad = None
+    handle = (
+        apply_offloaded_checkpointing(layers, policy=checkpointing, park_intermediates=park) if checkpointing else None
+    )
+    try:
+        h = x.clone().requires_grad_()
+        y = h
+        for layer in layers:
+            y = layer(y)
+        y.backward(dy)
+    finally:
+        if handle is not None:
+            handle.revert()
+    return [h.grad, *(p.grad for p in layers.parameters() if p.requires_grad)]
+
+
+@pytest.fixture
+def base_matmuls(monkeypatch):
+    """Count the base projections computed (project_forward calls inside lora_mlp)."""
+    calls = []
+    original = mlp_module.project_forward
+
+    def counting(x2, weight, *args):
+        calls.append(weight.shape)
+        return original(x2, weight, *args)
+
+    monkeypatch.setattr(mlp_module, "project_forward", counting)
+    return calls
+
+
+def test_parked_gate_and_up_give_the_same_gradients_without_being_computed_again(base_matmuls):
+    layers = _stack(3)
+    x = torch.randn(2, 5, HIDDEN)
+    dy = torch.randn_like(x)
+    plain = _grads(layers, x, dy)
+    base_matmuls.clear()
+    recomputed = _grads(layers, x, dy, "offload", park=False)
+    # forward: gate, up, down per layer; recompute: gate and up again (down is skipped)
+    assert len(base_matmuls) == 3 * 3 + 2 * 3
+    base_matmuls.clear()
+    parked = _grads(layers, x, dy, "offload", park=True)
+    assert len(base_matmuls) == 3 * 3  # the recompute took gate and up back from the host
+    for got, want, exact in zip(parked, recomputed, plain, strict=True):
+        torch.testing.assert_close(got, want, atol=0.0, rtol=0.0)  # the very values the recompute would make
+        torch.testing.assert_close(got, exact, atol=1e-5, rtol=1e-5)
+    assert host.host_offload_bytes()[0] == 0 and host._HOST_BUDGET["shared"] == 0
+
+
+def test_layers_kept_on_the_device_do_not_park(base_matmuls):
+    layers = _stack(2)
+    x = torch.randn(3, HIDDEN)
+    _grads(layers, x, torch.randn_like(x), "recompute", park=True)
+    assert len(base_matmuls) == 2 * 3 + 2 * 2
+
+
+def test_parks_past_their_share_of_the_host_bound_are_recomputed(base_matmuls):
+    layers = _stack(3)
+    x = torch.randn(4, HIDDEN)
+    dy = torch.randn_like(x)
+    one_input = sum(host.host_piece_sizes(x.numel() * 4))
+    one_park = sum(host.host_piece_sizes(x.shape[0] * INTER * 4))
+    # room for the three inputs and, within the parking share, for exactly one gate or up
+    bound = max(3 * one_input + one_park, one_park / parking.PARK_HOST_SHARE)
+    bound = min(bound, 2 * one_park / parking.PARK_HOST_SHARE - 1)
+    host.set_host_offload_bytes(bound)
+    got = _grads(layers, x, dy, "offload")
+    assert len(base_matmuls) == 3 * 3 + 2 * 3 - 1  # one projection came back from the host, five were recomputed
+    for g, w in zip(got, _grads(layers, x, dy), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_a_graph_freed_without_backward_gives_the_parked_bytes_back():
+    layers = _stack(2)
+    handle = apply_offloaded_checkpointing(layers, policy="offload")
+    y = torch.randn(3, HIDDEN, requires_grad=True)
+    for layer in layers:
+        y = layer(y)
+    assert host._HOST_BUDGET["shared"] > 0
+    del y
+    gc.collect()
+    handle.revert()
+    assert host.host_offload_bytes()[0] == 0 and host._HOST_BUDGET["shared"] == 0
+
+
+def test_a_take_that_does_not_match_drops_everything_parked():
+    lot = parking.ParkingLot()
+    first, second = torch.randn(3, 4), torch.randn(3, 4)
+    assert lot.park("a", first) and lot.park("b", second)
+    torch.testing.assert_close(lot.take("a", first.shape, first.dtype), first, atol=0.0, rtol=0.0)
+    assert lot.take("a", second.shape, second.dtype) is None  # "b" was next: the recompute went another way
+    assert len(lot) == 0 and host._HOST_BUDGET["shared"] == 0
+    assert lot.park("c", first)
+    assert lot.take("c", torch.Size((4, 3)), first.dtype) is None  # same key, another shape
+    assert lot.take("c", first.shape, torch.float64) is None and host._HOST_BUDGET["shared"] == 0
+
+
+def test_nothing_parks_outside_a_checkpointed_forward():
+    assert not parking.park_for_recompute("a", torch.randn(2))
+    assert parking.take_parked("a", torch.Size((2,)), torch.float32) is None
+
+
+def test_the_handle_switches_parking(base_matmuls):
+    layers = _stack(2)
+    handle = apply_offloaded_checkpointing(layers, policy="offload", park_intermediates=False)
+    assert not handle.park_intermediates
+    handle.park_intermediates = True
+    assert handle.park_intermediates
+    x = torch.randn(3, HIDDEN, requires_grad=True)
+    y = x
+    for layer in layers:
+        y = layer(y)
+    y.sum().backward()
+    handle.revert()
+    assert len(base_matmuls) == 2 * 3
