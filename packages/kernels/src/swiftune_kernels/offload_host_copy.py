@@ -299,6 +299,16 @@ class HostCopy:
         self._release()
         return tensor
 
+    @staticmethod
+    def prefetch_newest(device: torch.device) -> None:
+        """Start the upload of the newest copy on ``device`` not yet fetched: the backward of a checkpointed layer
+        whose input stayed on the device calls this, so that the nearest earlier offloaded layer's copies do not
+        wait for that layer's own backward to start."""
+        with _LOCK:
+            newest = next((c for ref in reversed(_PENDING) if (c := ref()) is not None and c.device == device), None)
+        if newest is not None:
+            newest.prefetch()
+
     def discard(self) -> None:
         """Free the host copy without bringing it back (a pending upload keeps its buffers until it is done)."""
         self.restored, self.host = None, None

@@ -219,6 +219,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             hidden_states, ctx.host_copy = ctx.host_copy.fetch(), None
         else:
             hidden_states = saved.pop(0)
+            if plan.whole_layer:
+                HostCopy.prefetch_newest(hidden_states.device)
         lot, ctx.lot = ctx.lot, None  # what the forward parked for this recompute (recompute_parking)
         needs = ctx.needs_input_grad[1:]  # hidden_states, argument tensors, then parameters
         num_inputs = 1 + len(saved)
