@@ -170,7 +170,8 @@ def main() -> None:
     result.update(issue_ms=round(issue * 1e3, 1), wall_ms=round(wall * 1e3, 1), **phases, **gaps, gap_pairs=pairs)
     print("RESULT " + json.dumps(result), flush=True)
     print(
-        f"{args.system} {args.shape} {args.quant} {args.point} ckpt={args.checkpointing} park={not args.no_park}: wall {wall * 1e3:.1f} ms,"
+        f"{args.system} {args.shape} {args.quant} {args.point} ckpt={args.checkpointing}"
+        f" park={not args.no_park}: wall {wall * 1e3:.1f} ms,"
         f" CPU issue {issue * 1e3:.1f} ms;"
         f" compute stream busy {gaps['busy_ms']:.1f} of {gaps['span_ms']:.1f} ms (idle {gaps['idle_ms']:.1f}, of it"
         f" {gaps['idle_in_gaps_under_20us_ms']:.1f} in gaps under 20 us)"
