@@ -175,7 +175,10 @@ def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
+    host_before = None
     for step in range(warmup + steps):
+        if step == warmup:
+            host_before = _pinned_pool_growth()
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -191,13 +194,28 @@ def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, 
             times.append(time.perf_counter() - start)
     out = {
         "step_s": statistics.median(times) if times else None,
+        "step_s_all": [round(t, 4) for t in times],
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "losses": [round(x, 5) for x in losses],
         "first_loss": round(losses[0], 5),
     }
+    if host_before is not None and (after := _pinned_pool_growth()) is not None:
+        # pinned blocks the host allocator had to create during the timed steps (each a slow CUDA call)
+        out["pinned_allocs_timed"] = after[0] - host_before[0]
+        out["pinned_alloc_ms_timed"] = round((after[1] - host_before[1]) / 1e3, 1)
     if profile:
         out["profile"] = profile_step(loss_of, model, optimizer, batch)
     return out
+
+
+def _pinned_pool_growth() -> tuple[int, float] | None:
+    """(blocks created, microseconds spent creating them) by PyTorch's pinned host allocator so far; None when
+    this torch cannot say."""
+    try:
+        stats = torch.cuda.host_memory_stats()
+    except (AttributeError, RuntimeError):
+        return None
+    return int(stats.get("num_host_alloc", 0)), float(stats.get("host_alloc_time.total", 0.0))
 
 
 def profile_step(loss_of, model, optimizer, batch: dict, top: int = 25) -> str:
