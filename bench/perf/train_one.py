@@ -163,6 +163,9 @@ def measure(args, model, loss_of, config) -> None:
         result = {**base, "batch": batch_size, "seq": seq, "tokens_per_s": round(tokens_per_s or 0, 1)}
         result.update(step_s=out["step_s"], peak_gib=out["peak_gib"], first_loss=out["first_loss"])
         result["losses"] = out["losses"]
+        for key in ("step_s_all", "pinned_allocs_timed", "pinned_alloc_ms_timed"):
+            if key in out:
+                result[key] = out[key]
         result["model_tflops"] = round(flops * (tokens_per_s or 0) / 1e12, 2)
         modes = getattr(getattr(_inner(model), "_swiftune_offload", None), "modes", None)
         if modes is not None:
