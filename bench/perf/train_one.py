@@ -12,6 +12,7 @@ default checkpointing) and ``swiftune-auto`` (public API, memory-aware checkpoin
 from __future__ import annotations
 
 import argparse
+import importlib
 import gc
 import os
 import sys
@@ -149,6 +150,8 @@ def measure(args, model, loss_of, config) -> None:
         base["cudnn_attention"] = False
     if args.no_park:
         base["park"] = False
+    if args.park_only is not None:
+        base["park"] = args.park_only
     for point in [p for p in args.points.split(",") if p and not args.curve]:
         batch_size, seq = (int(v) for v in point.split("x"))
         batch = random_batch(config.vocab_size, batch_size, seq)
@@ -288,10 +291,13 @@ def main() -> None:
     parser.add_argument("--checkpointing", default=None, help="swiftune: auto, true, offload or a GiB budget")
     parser.add_argument("--no-recompute-skip", action="store_true", help="swiftune: recompute the down projection")
     parser.add_argument("--no-park", action="store_true", help="swiftune: recompute gate and up, park nothing")
+    parser.add_argument("--park-only", default=None, help="swiftune: park only these MLP projections (gate,up)")
     parser.add_argument(
         "--no-cudnn-attention", action="store_true", help="turn PyTorch's cuDNN attention off (sdpa then uses flash)"
     )
     args = parser.parse_args()
+    if args.park_only is not None:
+        importlib.import_module("swiftune_kernels.lora_mlp").PARKED_PROJECTIONS = tuple(args.park_only.split(","))
     CHECKPOINTING.update(
         mode=_checkpoint_mode(args.checkpointing), no_skip=args.no_recompute_skip, no_park=args.no_park
     )

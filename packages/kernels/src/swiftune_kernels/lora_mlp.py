@@ -166,6 +166,10 @@ def _backward_rows(dy2, x2, gate, up, xa_g, xa_u, ha, cast, weights, scales, act
     return dx, (ga_grad, gb_grad, ua_grad, ub_grad, grad_da, grad_db)
 
 
+# Which of the MLP's projections a checkpointed layer parks for its recompute (recompute_parking).
+PARKED_PROJECTIONS = ("gate", "up")
+
+
 def _project_parked(x2, weight, a, b, s, key):
     """:func:`project_forward`, parked for the recompute in a checkpointed layer's forward; in its recompute, the
     parked result instead of the base matmul (and its dequantization), with only the thin xa = x2 @ A.T computed."""
@@ -173,7 +177,8 @@ def _project_parked(x2, weight, a, b, s, key):
     if y is not None:
         return y, torch.mm(x2, a.t())
     y, xa = project_forward(x2, weight, a, b, s)
-    park_for_recompute(key, y)
+    if key[0] in PARKED_PROJECTIONS:
+        park_for_recompute(key, y)
     return y, xa
 
 
@@ -240,8 +245,8 @@ class LoRAMLPFunction(torch.autograd.Function):
             ctx.save_for_backward(x2, *cast)
         else:
             # keyed by the adapters, which the recompute gets again (their casts may be new tensors)
-            gate, xa_g = _project_parked(x2, g_w, cast[0], cast[1], g_s, ("lora_mlp.gate", id(g_a)))
-            up, xa_u = _project_parked(x2, u_w, cast[2], cast[3], u_s, ("lora_mlp.up", id(u_a)))
+            gate, xa_g = _project_parked(x2, g_w, cast[0], cast[1], g_s, ("gate", id(g_a)))
+            up, xa_u = _project_parked(x2, u_w, cast[2], cast[3], u_s, ("up", id(u_a)))
             if output_needed:
                 h = _act_forward(gate, up, activation)
                 y, ha = project_forward(h, d_w, cast[4], cast[5], d_s)
