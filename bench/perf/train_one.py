@@ -12,8 +12,8 @@ default checkpointing) and ``swiftune-auto`` (public API, memory-aware checkpoin
 from __future__ import annotations
 
 import argparse
-import importlib
 import gc
+import importlib
 import os
 import sys
 import time
