@@ -26,6 +26,18 @@ def _timed_copies(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Strea
     return repeats * src.numel() / (start.elapsed_time(end) * 1e-3) / 1e9
 
 
+def link_gbs(nbytes: int = NBYTES, repeats: int = 5) -> dict[str, float]:
+    """Pinned device-to-host and host-to-device GB/s in this process (its pinned pages are where it got them)."""
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    side = torch.cuda.Stream()
+    out = {}
+    for name, dst, src in (("d2h", host, device), ("h2d", device, host)):
+        _timed_copies(dst, src, side, 1)
+        out[f"link_{name}_gbs"] = round(_timed_copies(dst, src, side, repeats), 1)
+    return out
+
+
 def main() -> None:
     device = torch.empty(NBYTES, dtype=torch.uint8, device="cuda")
     host = torch.empty(NBYTES, dtype=torch.uint8, pin_memory=True)

@@ -169,6 +169,10 @@ def measure(args, model, loss_of, config) -> None:
         for key in ("step_s_all", "pinned_allocs_timed", "pinned_alloc_ms_timed"):
             if key in out:
                 result[key] = out[key]
+        if torch.cuda.is_available():
+            from link_bandwidth import link_gbs
+
+            result.update(link_gbs())
         result["model_tflops"] = round(flops * (tokens_per_s or 0) / 1e12, 2)
         modes = getattr(getattr(_inner(model), "_swiftune_offload", None), "modes", None)
         if modes is not None:
