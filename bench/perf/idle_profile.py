@@ -125,7 +125,7 @@ def setup(args) -> tuple:
     from common import model_folder, optimizer_for, random_batch
 
     train_one.CHECKPOINTING.update(
-        mode=train_one._checkpoint_mode(args.checkpointing), no_skip=False, no_park=args.no_park
+        mode=train_one._checkpoint_mode(args.checkpointing), no_skip=False, park=train_one._park_projections(args.park)
     )
     folder = model_folder(args.shape, os.environ.get("SWIFTUNE_BENCH_MODELS", "/tmp/swiftune-bench-models"))
     model, loss_of = train_one.build(args.system, folder, args.quant == "nf4", 131072)
@@ -142,7 +142,7 @@ def step_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quant", choices=("bf16", "nf4"), default="nf4")
     parser.add_argument("--point", default="2x2048")
     parser.add_argument("--checkpointing", default=None, help="swiftune: auto, true, offload or a GiB budget")
-    parser.add_argument("--no-park", action="store_true", help="swiftune: recompute gate and up, park nothing")
+    parser.add_argument("--park", default="", help="swiftune: park these MLP projections for the recompute (gate,up)")
     return parser
 
 
@@ -166,12 +166,12 @@ def main() -> None:
     path.unlink()  # large; the summary is what comes back
     phases = phase_times(loss_of, model, optimizer, batch, 5)
     result = {"system": args.system, "shape": args.shape, "quant": args.quant, "point": args.point}
-    result.update(checkpointing=args.checkpointing, park=not args.no_park)
+    result.update(checkpointing=args.checkpointing, park=args.park)
     result.update(issue_ms=round(issue * 1e3, 1), wall_ms=round(wall * 1e3, 1), **phases, **gaps, gap_pairs=pairs)
     print("RESULT " + json.dumps(result), flush=True)
     print(
         f"{args.system} {args.shape} {args.quant} {args.point} ckpt={args.checkpointing}"
-        f" park={not args.no_park}: wall {wall * 1e3:.1f} ms,"
+        f" park={args.park or 'none'}: wall {wall * 1e3:.1f} ms,"
         f" CPU issue {issue * 1e3:.1f} ms;"
         f" compute stream busy {gaps['busy_ms']:.1f} of {gaps['span_ms']:.1f} ms (idle {gaps['idle_ms']:.1f}, of it"
         f" {gaps['idle_in_gaps_under_20us_ms']:.1f} in gaps under 20 us)"

@@ -13,8 +13,8 @@ call6: 8B QLoRA, unsloth at batch 4 x 2048.
 final1b, final8b: the record for issue 12's same-memory targets: 1B LoRA (peft bf16, Liger bf16, unsloth,
        swiftune default and with a 1.2 GiB budget), 8B QLoRA (unsloth, swiftune default and 0.6 GiB, peft).
 attn8b: swiftune 8B QLoRA (ckpt=0.6) with cuDNN attention and with it off (flash), twice each, alternating.
-park8b: unsloth 8B QLoRA, then swiftune (default and ckpt=0.6) with the MLP's gate and up parked on the host for
-       the recompute and without (--no-park), alternating.
+park8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 without and with the MLP's gate and up parked on the host for
+       the recompute (--park gate,up), alternating, three of each.
 ab1b, ab8b: swiftune's recompute with and without the down-projection skip, and memory-aware budgets near unsloth's
        peak: 1B LoRA batch 8, 8B QLoRA batch 2.
 ctx:   swiftune 8B QLoRA, batch 1: the longest sequence that trains (409,600 first, then up or down), 512k max.
@@ -85,14 +85,9 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
         ],
         "park8b": [{**eight_q, "system": "unsloth", "limit": 280}]
         + [
-            {
-                **eight_q,
-                "system": "swiftune",
-                **({"checkpointing": ckpt} if ckpt else {}),
-                **({"no_park": True} if b else {}),
-            }
-            for ckpt in (None, "0.6")
-            for b in (False, True)
+            {**eight_q, "system": "swiftune", "checkpointing": "0.6", **({"park": "gate,up"} if park else {})}
+            for _ in range(3)
+            for park in (False, True)
         ],
         "ab8b": [
             {**eight_q, "system": "swiftune", "no_recompute_skip": True},
@@ -149,8 +144,8 @@ def command(run: dict, profile: bool) -> list[str]:
         args.append("--no-recompute-skip")
     if run.get("no_cudnn_attention"):
         args.append("--no-cudnn-attention")
-    if run.get("no_park"):
-        args.append("--no-park")
+    if run.get("park"):
+        args += ["--park", run["park"]]
     if profile and run["system"] == "swiftune" and run.get("points") and not run.get("checkpointing"):
         args.append("--profile")
     return args

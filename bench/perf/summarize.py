@@ -21,8 +21,8 @@ def label(r: dict) -> str:
         text += f" ckpt={r['checkpointing']}"
     if r.get("recompute_skip") is False:
         text += " no-skip"
-    if r.get("park") is False:
-        text += " no-park"
+    if r.get("park"):
+        text += f" park={r['park']}"
     return text
 
 

@@ -61,6 +61,15 @@ def build(system: str, folder: Path, quant: bool, max_seq: int):
 CHECKPOINTING: dict = {}
 
 
+def _park_projections(text: str) -> tuple[str, ...]:
+    """--park: "gate,up", "gate" or "up" (empty: park nothing, the library default)."""
+    names = tuple(name for name in text.split(",") if name)
+    unknown = set(names) - {"gate", "up"}
+    if unknown:
+        raise SystemExit(f"--park takes gate and/or up, got {sorted(unknown)}")
+    return names
+
+
 def _checkpoint_mode(text: str | None):
     """--checkpointing: "auto", True ("true"), "offload", or a number (GiB budget of the memory-aware mode)."""
     if text is None:
@@ -97,11 +106,12 @@ def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int, overri
         for module in model.modules():
             if hasattr(module, "_swiftune_output_to_residual"):
                 module._swiftune_output_to_residual = False
-    if CHECKPOINTING.get("no_park"):  # A/B: offloaded layers recompute gate and up instead of parking them
+    if CHECKPOINTING.get("park"):  # offloaded layers park the MLP's gate and/or up for the recompute (opt-in)
+        importlib.import_module("swiftune_kernels.lora_mlp").PARKED_PROJECTIONS = CHECKPOINTING["park"]
         for module in model.modules():
             handle = module.__dict__.get("_swiftune_offload")
             if handle is not None:
-                getattr(handle, "handle", handle).park_intermediates = False
+                getattr(handle, "handle", handle).park_intermediates = True
     model.train()
     return model, lambda m, b: fused_causal_lm_loss(m, b)
 
@@ -148,10 +158,8 @@ def measure(args, model, loss_of, config) -> None:
         base["recompute_skip"] = False
     if args.no_cudnn_attention:
         base["cudnn_attention"] = False
-    if args.no_park:
-        base["park"] = False
-    if args.park_only is not None:
-        base["park"] = args.park_only
+    if args.park:
+        base["park"] = args.park
     for point in [p for p in args.points.split(",") if p and not args.curve]:
         batch_size, seq = (int(v) for v in point.split("x"))
         batch = random_batch(config.vocab_size, batch_size, seq)
@@ -294,16 +302,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top-15 kernels by device time")
     parser.add_argument("--checkpointing", default=None, help="swiftune: auto, true, offload or a GiB budget")
     parser.add_argument("--no-recompute-skip", action="store_true", help="swiftune: recompute the down projection")
-    parser.add_argument("--no-park", action="store_true", help="swiftune: recompute gate and up, park nothing")
-    parser.add_argument("--park-only", default=None, help="swiftune: park only these MLP projections (gate,up)")
+    parser.add_argument("--park", default="", help="swiftune: park these MLP projections for the recompute (gate,up)")
     parser.add_argument(
         "--no-cudnn-attention", action="store_true", help="turn PyTorch's cuDNN attention off (sdpa then uses flash)"
     )
     args = parser.parse_args()
-    if args.park_only is not None:
-        importlib.import_module("swiftune_kernels.lora_mlp").PARKED_PROJECTIONS = tuple(args.park_only.split(","))
     CHECKPOINTING.update(
-        mode=_checkpoint_mode(args.checkpointing), no_skip=args.no_recompute_skip, no_park=args.no_park
+        mode=_checkpoint_mode(args.checkpointing), no_skip=args.no_recompute_skip, park=_park_projections(args.park)
     )
     if args.no_cudnn_attention:  # A/B: cuDNN attention costs ~100 us of host time a call where the host bounds a step
         import torch

@@ -115,9 +115,8 @@ def test_parks_past_their_share_of_the_host_bound_are_recomputed(base_matmuls):
     dy = torch.randn_like(x)
     one_input = sum(host.host_piece_sizes(x.numel() * 4))
     one_park = sum(host.host_piece_sizes(x.shape[0] * INTER * 4))
-    # room for the three inputs and, within the parking share, for exactly one gate or up
-    bound = max(3 * one_input + one_park, one_park / parking.PARK_HOST_SHARE)
-    bound = min(bound, 2 * one_park / parking.PARK_HOST_SHARE - 1)
+    bound = one_park / parking.PARK_HOST_SHARE  # the parking share holds exactly one gate or up
+    assert 3 * one_input + one_park <= bound  # and the three layer inputs fit beside it
     host.set_host_offload_bytes(bound)
     got = _grads(layers, x, dy, "offload")
     assert len(base_matmuls) == 3 * 3 + 2 * 3 - 1  # one projection came back from the host, five were recomputed
@@ -127,7 +126,7 @@ def test_parks_past_their_share_of_the_host_bound_are_recomputed(base_matmuls):
 
 def test_a_graph_freed_without_backward_gives_the_parked_bytes_back():
     layers = _stack(2)
-    handle = apply_offloaded_checkpointing(layers, policy="offload")
+    handle = apply_offloaded_checkpointing(layers, policy="offload", park_intermediates=True)
     y = torch.randn(3, HIDDEN, requires_grad=True)
     for layer in layers:
         y = layer(y)
@@ -153,6 +152,81 @@ def test_a_take_that_does_not_match_drops_everything_parked():
 def test_nothing_parks_outside_a_checkpointed_forward():
     assert not parking.park_for_recompute("a", torch.randn(2))
     assert parking.take_parked("a", torch.Size((2,)), torch.float32) is None
+
+
+def test_parking_is_off_by_default(base_matmuls):
+    layers = _stack(2)
+    handle = apply_offloaded_checkpointing(layers, policy="offload")
+    assert not handle.park_intermediates
+    x = torch.randn(3, HIDDEN, requires_grad=True)
+    y = x
+    for layer in layers:
+        y = layer(y)
+    y.sum().backward()
+    handle.revert()
+    assert len(base_matmuls) == 2 * 3 + 2 * 2  # gate and up recomputed
+
+
+def test_only_the_named_projections_are_parked(base_matmuls, monkeypatch):
+    monkeypatch.setattr(mlp_module, "PARKED_PROJECTIONS", ("gate",))
+    layers = _stack(2)
+    x = torch.randn(3, HIDDEN)
+    _grads(layers, x, torch.randn_like(x), "offload", park=True)
+    assert len(base_matmuls) == 2 * 3 + 2  # up recomputed, gate taken back
+
+
+class _Event:
+    def __init__(self, done):
+        self.done = done
+
+    def query(self):
+        return self.done
+
+
+def test_parking_pauses_while_the_downloads_fall_behind_the_compute(monkeypatch):
+    device, waited = torch.device("cuda", 0), []
+
+    class Stream:
+        def wait_event(self, event):
+            waited.append(event)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(parking, "_IN_FLIGHT", parking.collections.deque())
+    behind = (device, _Event(True), _Event(False))  # the compute passed its queue point, its download runs on
+    parking._IN_FLIGHT.extend([(device, _Event(True), _Event(True)), behind])
+    assert parking._link_keeps_up(device)  # one behind: park
+    assert len(parking._IN_FLIGHT) == 1  # the finished copy is forgotten
+    parking._IN_FLIGHT.append((device, _Event(True), _Event(False)))
+    assert not parking._link_keeps_up(device)  # PARK_MAX_BEHIND behind: compute instead
+    assert waited == []
+    ahead = [(device, _Event(False), _Event(False)) for _ in range(parking.PARK_MAX_IN_FLIGHT)]
+    parking._IN_FLIGHT.clear()
+    parking._IN_FLIGHT.extend(ahead)  # queued ahead of the compute, none behind yet
+    assert parking._link_keeps_up(device)
+    assert waited == [ahead[0][2]]  # but that many unfinished: the main stream waits for the oldest
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host copies and side streams need CUDA")
+def test_cuda_parked_tensors_are_pinned_and_give_the_same_gradients():
+    layers = _stack(3).cuda()
+    x = torch.randn(2, 64, HIDDEN, device="cuda")
+    dy = torch.randn_like(x)
+    pinned = []
+    original = host.HostCopy.__init__
+
+    def spying_init(self, tensor, *args, **kwargs):
+        original(self, tensor, *args, **kwargs)
+        pinned.append(self.host.is_pinned())
+
+    recomputed = _grads(layers, x, dy, "offload", park=False)
+    host.HostCopy.__init__ = spying_init
+    try:
+        parked = _grads(layers, x, dy, "offload", park=True)
+    finally:
+        host.HostCopy.__init__ = original
+    assert len(pinned) == 3 * 3 and all(pinned)  # each layer: its input, gate and up
+    for got, want in zip(parked, recomputed, strict=True):
+        torch.testing.assert_close(got, want, atol=0.0, rtol=0.0)
 
 
 def test_the_handle_switches_parking(base_matmuls):

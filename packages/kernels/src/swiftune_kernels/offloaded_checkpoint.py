@@ -493,7 +493,7 @@ def apply_offloaded_checkpointing(
     model_layers: Iterable[nn.Module],
     policy: str = "auto",
     preserve_rng_state: bool = True,
-    park_intermediates: bool = True,
+    park_intermediates: bool = False,
 ) -> OffloadedCheckpointingHandle:
     """Checkpoint every layer of ``model_layers`` (e.g. ``model.model.layers``), offloading inputs where it pays.
 
@@ -508,8 +508,10 @@ def apply_offloaded_checkpointing(
         preserve_rng_state: restore the RNG state for each recompute so that dropout masks match.
         park_intermediates: let a layer whose input is offloaded also park, in host memory, the intermediates its
             kernels offer for the recompute to take back instead of computing them again (the fused LoRA MLP's gate
-            and up; :mod:`swiftune_kernels.recompute_parking`). Same gradients, less recompute, more PCIe traffic
-            and host memory. Also settable later on the handle.
+            and up; :mod:`swiftune_kernels.recompute_parking`). Same gradients, less GPU work, ~7x the PCIe traffic
+            and host memory of the offloaded inputs, and one layer's parked tensors more at the peak. Off by default:
+            on H100 hosts it cut the GPU time of an 8B QLoRA step by ~16% but the step time by 0-8%, and some
+            runs were slower (docs/BENCHMARKS.md). Also settable later on the handle.
 
     Returns:
         A handle whose ``revert()`` restores every original forward.
