@@ -229,11 +229,6 @@ def adapter_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast
 
 
-def cast_grad(grad, dtype: torch.dtype):
-    """An adapter's gradient in the adapter's own dtype (the matmuls ran in x's dtype)."""
-    return None if grad is None else grad.to(dtype)
-
-
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd of one LoRA projection; saves x and the (T, r) intermediate, never the (dequantized) base weight."""
 
@@ -244,7 +239,6 @@ class LoRALinearFunction(torch.autograd.Function):
         y, xa = project_forward(x2, weight, a_, b_, s)
         ctx.save_for_backward(x2, xa, a_, b_)
         ctx.weight, ctx.s, ctx.x_shape = weight, s, x.shape
-        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -254,7 +248,9 @@ class LoRALinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         da, db, dxa = project_backward(dy2, x2, xa, a_, b_, ctx.s, need_a, need_b, need_x)
         dx = lora_dx([(dxa, a_)], [(dy2, ctx.weight)]).reshape(ctx.x_shape) if need_x else None
-        return dx, cast_grad(da, ctx.a_dtype), cast_grad(db, ctx.b_dtype), None, None
+        # da and db stay in x's dtype: the autograd engine casts a gradient to its input's dtype (peft's float32
+        # adapters) in C++, where a .to() here cost ~14 us of host time per adapter, ~450 a step at Llama-8B
+        return dx, da, db, None, None
 
 
 def lora_linear(x: torch.Tensor, w, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:

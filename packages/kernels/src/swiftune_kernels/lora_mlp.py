@@ -45,7 +45,6 @@ from swiftune_kernels.lora_linear import (
     AutocastPaused,
     adapter_operand,
     autocast_input,
-    cast_grad,
     check_input,
     check_projection,
     lora_dx,
@@ -258,7 +257,6 @@ class LoRAMLPFunction(torch.autograd.Function):
                 y, ha = x2.new_full((x2.shape[0], _out_features(d_w)), float("nan")), None
             ctx.save_for_backward(x2, gate, up, xa_g, xa_u, ha, *cast)
         ctx.weights, ctx.scales, ctx.activation, ctx.x_shape = weights, scales, activation, x.shape
-        ctx.dtypes = tuple(t.dtype for t in (g_a, g_b, u_a, u_b, d_a, d_b))
         ctx.tile_rows, ctx.consumed = tile_rows, False
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -283,7 +281,7 @@ class LoRAMLPFunction(torch.autograd.Function):
                 dy2, x2, gate, up, xa_g, xa_u, ha, cast, ctx.weights, ctx.scales, ctx.activation, need
             )
         dx = None if dx is None else dx.reshape(ctx.x_shape)
-        grads = tuple(cast_grad(g, dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True))
+        # adapter gradients in x's dtype: the engine casts them to the adapters' (LoRALinearFunction.backward)
         return (dx, *grads, None, None, None, None, None, None, None, None, None)
 
 

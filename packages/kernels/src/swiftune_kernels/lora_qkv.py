@@ -31,7 +31,6 @@ from swiftune_kernels.lora_linear import (
     AutocastPaused,
     adapter_operand,
     autocast_input,
-    cast_grad,
     check_input,
     check_projection,
     lora_dx,
@@ -121,10 +120,8 @@ def _fused_backward(ctx, dys):
         else:
             dx = lora_dx([(dxa, a_cat)], zip(dys, ctx.weights, strict=True))
         dx = dx.reshape(ctx.x_shape)
-    grads = []
-    for i in range(3):
-        grads += [cast_grad(das[i], ctx.dtypes[2 * i]), cast_grad(dbs[i], ctx.dtypes[2 * i + 1])]
-    return dx, grads
+    # in x's dtype: the engine casts them to the adapters' (LoRALinearFunction.backward)
+    return dx, [grad for pair in zip(das, dbs, strict=True) for grad in pair]
 
 
 class LoRAQKVFunction(torch.autograd.Function):
@@ -137,7 +134,6 @@ class LoRAQKVFunction(torch.autograd.Function):
             (adapter_operand(a, x.dtype), adapter_operand(b, x.dtype)) for a, b in ((q_a, q_b), (k_a, k_b), (v_a, v_b))
         ]
         ctx.weights, ctx.scales, ctx.x_shape = (q_w, k_w, v_w), (q_s, k_s, v_s), x.shape
-        ctx.dtypes = tuple(t.dtype for t in (q_a, q_b, k_a, k_b, v_a, v_b))
         ctx.variant = variant
         if variant == "fused":
             outs = _fused_forward(ctx, x2, adapters, ctx.weights, ctx.scales)
@@ -166,7 +162,7 @@ class LoRAQKVFunction(torch.autograd.Function):
             da, db, dxa = project_backward(dy2, x2, xas[i], a_, b_, ctx.scales[i], need_a, need_b, need_x)
             rank_terms.append((dxa, a_))
             dys.append(dy2)
-            grads += [cast_grad(da, ctx.dtypes[2 * i]), cast_grad(db, ctx.dtypes[2 * i + 1])]
+            grads += [da, db]
         # the three rank-r terms in one thin matmul that writes dx, then the three base matmuls, one weight at a time
         dx = lora_dx(rank_terms, zip(dys, ctx.weights, strict=True)).reshape(ctx.x_shape) if need_x else None
         return (dx, *grads, None, None, None, None, None, None, None)
