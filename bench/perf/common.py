@@ -7,6 +7,7 @@ with bf16 compute for QLoRA, gradient checkpointing, bf16 autocast, fused AdamW 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -176,9 +177,11 @@ def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, 
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     host_before = None
+    collections = _GarbageCollections()
     for step in range(warmup + steps):
         if step == warmup:
             host_before = _pinned_pool_growth()
+            gc.callbacks.append(collections)
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -199,6 +202,9 @@ def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, 
         "losses": [round(x, 5) for x in losses],
         "first_loss": round(losses[0], 5),
     }
+    if collections in gc.callbacks:
+        gc.callbacks.remove(collections)
+    out["gc_timed"] = collections.summary()
     if host_before is not None and (after := _pinned_pool_growth()) is not None:
         # pinned blocks the host allocator had to create during the timed steps (each a slow CUDA call)
         out["pinned_allocs_timed"] = after[0] - host_before[0]
@@ -206,6 +212,25 @@ def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, 
     if profile:
         out["profile"] = profile_step(loss_of, model, optimizer, batch)
     return out
+
+
+class _GarbageCollections:
+    """A gc callback that sums the time of Python's garbage collections by generation (they pause the host)."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.ms = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.ms[info["generation"]] += (time.perf_counter() - self.started) * 1e3
+            self.count[info["generation"]] += 1
+
+    def summary(self) -> dict:
+        return {f"gen{g}": [self.count[g], round(self.ms[g], 1)] for g in range(3)}
 
 
 def _pinned_pool_growth() -> tuple[int, float] | None:
