@@ -258,21 +258,20 @@ class HostCopy:
             follower.prefetch()
 
     def _upload(self) -> None:
-        # Contiguous, so its flat byte view shares its storage and the pieces land in it.
-        restored = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         if self.stored is None:
+            # Contiguous, so its flat byte view shares its storage and the pieces land in it.
+            restored = torch.empty(self.shape, dtype=self.dtype, device=self.device)
             self._copy_pieces(_byte_view(restored), to_host=False)
             self.restored = restored
             return
-        main = torch.cuda.current_stream(self.device)
         upload = _side_stream(self.device, "h2d")
-        # Allocated on the main stream, so the block may still be read by queued main-stream kernels: wait for them.
-        upload.wait_stream(main)
         upload.wait_event(self.stored)
         with torch.cuda.stream(upload):
+            # Allocated on the upload stream: the caching allocator hands out there only blocks that stream may
+            # write now, so the copy need not wait for the main stream's queued kernels. Where the host runs
+            # layers ahead of the device, the copy starts that much earlier than the compute reaches this point.
+            restored = torch.empty(self.shape, dtype=self.dtype, device=self.device)
             self._copy_pieces(_byte_view(restored), to_host=False)
-        # If the graph is dropped before fetch, the block must outlive the pending copy.
-        restored.record_stream(upload)
         self.restored = restored
         self.ready = torch.cuda.Event()
         self.ready.record(upload)
@@ -294,7 +293,10 @@ class HostCopy:
         if previous is not None:
             previous.prefetch()
         if self.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.ready)
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(self.ready)
+            # Its block goes back to the upload stream's pool when freed: not before the main stream is done with it.
+            self.restored.record_stream(main)
         tensor, self.restored, self.host = self.restored, None, None
         self._release()
         return tensor
