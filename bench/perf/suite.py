@@ -11,7 +11,8 @@ curve: 30 steps of 1B LoRA (batch 4 x 2048, a new seeded batch each step), swift
 call5: 8B QLoRA, swiftune "auto" at batch 4 and 8 x 2048, and swiftune's default (with --profile: its top kernels).
 call6: 8B QLoRA, unsloth at batch 4 x 2048.
 final1b, final8b: the record for issue 12's same-memory targets: 1B LoRA (peft bf16, Liger bf16, unsloth,
-       swiftune default and with a 1.2 GiB budget), 8B QLoRA (unsloth, swiftune default and 0.6 GiB, peft).
+       swiftune default and with a 1.2 GiB budget), 8B QLoRA (unsloth, swiftune default, 0.6 GiB, 0.6 GiB with
+       gate and up parked, peft).
 attn8b: swiftune 8B QLoRA (ckpt=0.6) with cuDNN attention and with it off (flash), twice each, alternating.
 park8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 without and with the MLP's gate and up parked on the host for
        the recompute (--park gate,up), alternating, three of each.
@@ -76,6 +77,7 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
             {**eight_q, "system": "unsloth", "limit": 280},
             {**eight_q, "system": "swiftune"},
             {**eight_q, "system": "swiftune", "checkpointing": "0.6"},
+            {**eight_q, "system": "swiftune", "checkpointing": "0.6", "park": "gate,up"},
             {**eight_q, "system": "peft"},
         ],
         "attn8b": [  # A, B, A, B: the host drifts less within a pair than across a call
