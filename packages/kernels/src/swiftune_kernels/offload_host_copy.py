@@ -6,6 +6,9 @@ error, by contrast, is an exception the trainer reports. So the copies of a proc
 :data:`HOST_OFFLOAD_FRACTION` of the host memory that was available when the first copy was made (or the bound
 given to :func:`set_host_offload_bytes`); past it, a layer keeps its input on the device and is recomputed from there.
 
+A copy may carry ``followers`` (the intermediates its layer parked, :mod:`swiftune_kernels.recompute_parking`), whose
+uploads start right after its own; such copies are made with ``register=False`` and stay out of the layer order.
+
 Used by :mod:`swiftune_kernels.offloaded_checkpoint`. On the CPU the copy is a plain (unpinned) one through the
 same pieces, so that the tests prove the logic there.
 """
