@@ -161,17 +161,21 @@ def test_nothing_parks_outside_a_checkpointed_forward():
     assert parking.take_parked("a", torch.Size((2,)), torch.float32) is None
 
 
-def test_parking_is_off_by_default(base_matmuls, steady_link, device):
+def test_parking_is_off_by_default_and_the_handle_switches_it(base_matmuls, steady_link, device):
     layers = _stack(2, device)
     handle = apply_offloaded_checkpointing(layers, policy="offload")
-    assert not handle.park_intermediates
-    x = torch.randn(3, HIDDEN, device=device, requires_grad=True)
-    y = x
-    for layer in layers:
-        y = layer(y)
-    y.sum().backward()
-    handle.revert()
-    assert len(base_matmuls) == 2 * 3 + 2 * 2  # gate and up recomputed
+    try:
+        for park, computed in ((False, 2 * 3 + 2 * 2), (True, 2 * 3)):  # off: gate and up recomputed
+            assert handle.park_intermediates is park
+            base_matmuls.clear()
+            y = torch.randn(3, HIDDEN, device=device, requires_grad=True)
+            for layer in layers:
+                y = layer(y)
+            y.sum().backward()
+            assert len(base_matmuls) == computed
+            handle.park_intermediates = True
+    finally:
+        handle.revert()
 
 
 def test_only_the_named_projections_are_parked(base_matmuls, monkeypatch, steady_link, device):
@@ -234,18 +238,3 @@ def test_cuda_parked_tensors_are_pinned_and_give_the_same_gradients():
     assert len(pinned) == 3 * 3 and all(pinned)  # each layer: its input, gate and up
     for got, want in zip(parked, recomputed, strict=True):
         torch.testing.assert_close(got, want, atol=0.0, rtol=0.0)
-
-
-def test_the_handle_switches_parking(base_matmuls, steady_link, device):
-    layers = _stack(2, device)
-    handle = apply_offloaded_checkpointing(layers, policy="offload", park_intermediates=False)
-    assert not handle.park_intermediates
-    handle.park_intermediates = True
-    assert handle.park_intermediates
-    x = torch.randn(3, HIDDEN, device=device, requires_grad=True)
-    y = x
-    for layer in layers:
-        y = layer(y)
-    y.sum().backward()
-    handle.revert()
-    assert len(base_matmuls) == 2 * 3
