@@ -176,11 +176,12 @@ def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    host_before = None
+    host_before = device_before = None
     collections = _GarbageCollections()
     for step in range(warmup + steps):
         if step == warmup:
             host_before = _pinned_pool_growth()
+            device_before = _device_pool_events()
             gc.callbacks.append(collections)
         if cuda:
             torch.cuda.synchronize()
@@ -205,6 +206,9 @@ def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, 
     if collections in gc.callbacks:
         gc.callbacks.remove(collections)
     out["gc_timed"] = collections.summary()
+    if device_before is not None and (device_after := _device_pool_events()) is not None:
+        # cudaMalloc/cudaFree calls and allocator retries during the timed steps (a retry synchronizes the device)
+        out["device_pool_timed"] = {k: device_after[k] - device_before[k] for k in device_after}
     if host_before is not None and (after := _pinned_pool_growth()) is not None:
         # pinned blocks the host allocator had to create during the timed steps (each a slow CUDA call)
         out["pinned_allocs_timed"] = after[0] - host_before[0]
@@ -231,6 +235,15 @@ class _GarbageCollections:
 
     def summary(self) -> dict:
         return {f"gen{g}": [self.count[g], round(self.ms[g], 1)] for g in range(3)}
+
+
+def _device_pool_events() -> dict[str, int] | None:
+    """Counters of PyTorch's CUDA caching allocator so far: segments created and freed, retries; None on the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    stats = torch.cuda.memory_stats()
+    keys = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+    return {key: int(stats.get(key, 0)) for key in keys}
 
 
 def _pinned_pool_growth() -> tuple[int, float] | None:

@@ -174,7 +174,7 @@ def measure(args, model, loss_of, config) -> None:
         result = {**base, "batch": batch_size, "seq": seq, "tokens_per_s": round(tokens_per_s or 0, 1)}
         result.update(step_s=out["step_s"], peak_gib=out["peak_gib"], first_loss=out["first_loss"])
         result["losses"] = out["losses"]
-        for key in ("step_s_all", "pinned_allocs_timed", "pinned_alloc_ms_timed", "gc_timed"):
+        for key in ("step_s_all", "pinned_allocs_timed", "pinned_alloc_ms_timed", "gc_timed", "device_pool_timed"):
             if key in out:
                 result[key] = out[key]
         if torch.cuda.is_available():
