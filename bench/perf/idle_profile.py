@@ -40,8 +40,9 @@ def issue_times(loss_of, model, optimizer, batch, steps: int) -> tuple[float, fl
     return statistics.median(issue), statistics.median(wall)
 
 
-def phase_times(loss_of, model, optimizer, batch, steps: int) -> dict:
-    """Median CPU issue time and GPU time (CUDA events) of each phase of a step: forward, backward, optimizer.
+def phase_times(loss_of, model, optimizer, batch, steps: int, parked: list | None = None) -> dict:
+    """Median CPU issue time and GPU time (CUDA events) of each phase of a step: forward, backward, optimizer; and
+    under ``per_step``, every step's values (with the tensors parked in it, when ``parked`` counts them).
 
     A phase whose GPU time is about its CPU issue time kept the GPU waiting on the CPU; a phase whose GPU time is
     longer let the CPU run ahead (its issue time is hidden)."""
@@ -51,6 +52,8 @@ def phase_times(loss_of, model, optimizer, batch, steps: int) -> dict:
 
     rows: dict[str, list[float]] = {}
     for _ in range(steps):
+        if parked is not None:
+            parked.clear()
         torch.cuda.synchronize()
         events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         cpu = [time.perf_counter()]
@@ -70,7 +73,28 @@ def phase_times(loss_of, model, optimizer, batch, steps: int) -> dict:
         for i, name in enumerate(("forward", "backward", "optimizer")):
             rows.setdefault(f"{name}_cpu_ms", []).append((cpu[i + 1] - cpu[i]) * 1e3)
             rows.setdefault(f"{name}_gpu_ms", []).append(events[i].elapsed_time(events[i + 1]))
-    return {key: round(statistics.median(values), 1) for key, values in rows.items()}
+        if parked is not None:
+            rows.setdefault("parked", []).append(sum(parked))
+    out: dict = {key: round(statistics.median(values), 1) for key, values in rows.items()}
+    out["per_step"] = {key: [round(v, 1) for v in values] for key, values in rows.items()}
+    return out
+
+
+def count_parks() -> list:
+    """Wrap the parking of intermediates so that each parked tensor appends 1 to the returned list."""
+    import importlib
+
+    parking = importlib.import_module("swiftune_kernels.recompute_parking")
+    counts: list = []
+    park = parking.ParkingLot.park
+
+    def counting(self, key, tensor):
+        done = park(self, key, tensor)
+        counts.append(int(done))
+        return done
+
+    parking.ParkingLot.park = counting
+    return counts
 
 
 def busiest_stream(trace: dict) -> tuple:
@@ -164,10 +188,13 @@ def main() -> None:
     trace = json.loads(path.read_text())
     gaps, pairs = stream_gaps(trace, args.gaps), gap_pairs(trace, args.gaps)
     path.unlink()  # large; the summary is what comes back
-    phases = phase_times(loss_of, model, optimizer, batch, 5)
+    parked = count_parks() if args.park else None
+    phases = phase_times(loss_of, model, optimizer, batch, 10, parked)
+    per_step = phases.pop("per_step")
     result = {"system": args.system, "shape": args.shape, "quant": args.quant, "point": args.point}
     result.update(checkpointing=args.checkpointing, park=args.park)
     result.update(issue_ms=round(issue * 1e3, 1), wall_ms=round(wall * 1e3, 1), **phases, **gaps, gap_pairs=pairs)
+    result["per_step"] = per_step
     print("RESULT " + json.dumps(result), flush=True)
     print(
         f"{args.system} {args.shape} {args.quant} {args.point} ckpt={args.checkpointing}"
@@ -177,6 +204,9 @@ def main() -> None:
         f" {gaps['idle_in_gaps_under_20us_ms']:.1f} in gaps under 20 us)"
     )
     print("  phases (ms, median): " + ", ".join(f"{k} {v}" for k, v in phases.items()))
+    for key in ("forward_gpu_ms", "backward_gpu_ms", "parked"):
+        if key in per_step:
+            print(f"  per step {key}: {per_step[key]}")
     for g in gaps["gaps"]:
         print(f"  {g['us']:>7} us at {g['at_ms']:>7.1f} ms  after {g['after']}  before {g['before']}")
     print("  idle by kernel pair (profiled step):")
