@@ -26,32 +26,33 @@ def _timed_copies(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Strea
     return repeats * src.numel() / (start.elapsed_time(end) * 1e-3) / 1e9
 
 
-def link_gbs(nbytes: int = NBYTES, repeats: int = 5) -> dict[str, float]:
-    """Pinned device-to-host and host-to-device GB/s in this process (its pinned pages are where it got them)."""
+def link_gbs(nbytes: int = NBYTES, repeats: int = 5, keep_busy=None) -> dict[str, float]:
+    """Pinned device-to-host and host-to-device GB/s in this process (its pinned pages are where it got them);
+    ``keep_busy`` (a function) queues work on the main stream before each timing."""
     device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     side = torch.cuda.Stream()
     out = {}
     for name, dst, src in (("d2h", host, device), ("h2d", device, host)):
-        _timed_copies(dst, src, side, 1)
+        _timed_copies(dst, src, side, 1)  # warm-up
+        if keep_busy is not None:
+            keep_busy()
         out[f"link_{name}_gbs"] = round(_timed_copies(dst, src, side, repeats), 1)
+        torch.cuda.synchronize()
     return out
 
 
 def main() -> None:
-    device = torch.empty(NBYTES, dtype=torch.uint8, device="cuda")
-    host = torch.empty(NBYTES, dtype=torch.uint8, pin_memory=True)
-    side = torch.cuda.Stream()
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16)
-    result = {}
-    for name, dst, src in (("d2h", host, device), ("h2d", device, host)):
-        _timed_copies(dst, src, side, 2)  # warm-up
-        result[f"{name}_gbs"] = round(_timed_copies(dst, src, side, 10), 1)
-        for _ in range(40):  # keep the main stream busy for longer than the copies
+
+    def matmuls() -> None:  # keep the main stream busy for longer than the copies
+        for _ in range(40):
             torch.mm(a, b)
-        result[f"{name}_under_matmul_gbs"] = round(_timed_copies(dst, src, side, 10), 1)
-        torch.cuda.synchronize()
+
+    result = {f"{key[5:-4]}_gbs": value for key, value in link_gbs(repeats=10).items()}
+    busy = link_gbs(repeats=10, keep_busy=matmuls)
+    result.update({f"{key[5:-4]}_under_matmul_gbs": value for key, value in busy.items()})
     print("RESULT " + json.dumps({"link": result}), flush=True)
 
 

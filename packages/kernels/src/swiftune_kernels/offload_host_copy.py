@@ -175,6 +175,11 @@ def _release_host_bytes(nbytes: int, shared: bool = False) -> None:
             _HOST_BUDGET["shared"] = max(0, _HOST_BUDGET["shared"] - nbytes)
 
 
+def _newest_on(refs: list[weakref.ref[HostCopy]], device: torch.device) -> HostCopy | None:
+    """The last live copy on ``device`` among ``refs`` (registry order: the latest layer last)."""
+    return next((c for ref in reversed(refs) if (c := ref()) is not None and c.device == device), None)
+
+
 class HostCopy:
     """One layer input parked in CPU memory (pinned where CUDA runs), in power-of-two pieces
     (:func:`host_piece_sizes`), with the events that order its download and upload."""
@@ -287,10 +292,7 @@ class HostCopy:
             live = [ref for ref in _PENDING if ref() is not None]
             position = next((i for i, ref in enumerate(live) if ref() is self), None)
             if position is not None:
-                for ref in reversed(live[:position]):
-                    if (candidate := ref()) is not None and candidate.device == self.device:
-                        previous = candidate
-                        break
+                previous = _newest_on(live[:position], self.device)
                 del live[position]
             _PENDING[:] = live
         if previous is not None:
@@ -310,7 +312,7 @@ class HostCopy:
         whose input stayed on the device calls this, so that the nearest earlier offloaded layer's copies do not
         wait for that layer's own backward to start."""
         with _LOCK:
-            newest = next((c for ref in reversed(_PENDING) if (c := ref()) is not None and c.device == device), None)
+            newest = _newest_on(_PENDING, device)
         if newest is not None:
             newest.prefetch()
 
