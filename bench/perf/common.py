@@ -199,7 +199,9 @@ def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, 
     out = {
         "step_s": statistics.median(times) if times else None,
         "step_s_all": [round(t, 4) for t in times],
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        # plus the pool of swiftune's layer graphs, whose temporaries the allocated count no longer holds
+        "peak_gib": round((torch.cuda.max_memory_allocated() + _graph_pool_bytes()) / 2**30, 2) if cuda else None,
+        "graph_pool_gib": round(_graph_pool_bytes() / 2**30, 3) if cuda else None,
         "losses": [round(x, 5) for x in losses],
         "first_loss": round(losses[0], 5),
     }
@@ -297,6 +299,13 @@ def matmul_flops_per_token(config, recompute: bool) -> float:
     per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter
     n = layers * per_layer + hidden * config.vocab_size
     return (6 + (2 if recompute else 0)) * n - (2 * hidden * config.vocab_size if recompute else 0)
+
+
+def _graph_pool_bytes() -> int:
+    import sys
+
+    graphs = sys.modules.get("swiftune_kernels.layer_graphs")  # only when swiftune ran (never imported for peers)
+    return graphs.graph_pool_bytes() if graphs is not None else 0
 
 
 def emit(result: dict) -> None:

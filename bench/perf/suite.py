@@ -16,6 +16,8 @@ final1b, final8b: the record for issue 12's same-memory targets: 1B LoRA (peft b
 attn8b: swiftune 8B QLoRA (ckpt=0.6) with cuDNN attention and with it off (flash), twice each, alternating.
 park8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 without and with the MLP's gate and up parked on the host for
        the recompute (--park gate,up), alternating, three of each.
+gate8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 with nothing, gate only, and gate and up parked, twice, in turn.
+graph8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 with the checkpointed forwards eager and replayed from CUDA graphs.
 ab1b, ab8b: swiftune's recompute with and without the down-projection skip, and memory-aware budgets near unsloth's
        peak: 1B LoRA batch 8, 8B QLoRA batch 2.
 ctx:   swiftune 8B QLoRA, batch 1: the longest sequence that trains (409,600 first, then up or down), 512k max.
@@ -91,6 +93,21 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
             for _ in range(3)
             for park in (False, True)
         ],
+        # gate only halves the parked bytes (the link stays ahead of the compute), gate and up saves the most work
+        "gate8b": [{**eight_q, "system": "unsloth", "limit": 280}]
+        + [
+            {**eight_q, "system": "swiftune", "checkpointing": "0.6", **({"park": park} if park else {})}
+            for _ in range(2)
+            for park in ("", "gate", "gate,up")
+        ],
+        # checkpointed forwards replayed from CUDA graphs, against eager, in turn
+        "graph8b": [{**eight_q, "system": "unsloth", "limit": 280}]
+        + [
+            {**eight_q, "system": "swiftune", "checkpointing": ckpt, **({"graphs": True} if graphs else {})}
+            for _ in range(2)
+            for ckpt in ("0.6",)
+            for graphs in (False, True)
+        ],
         "ab8b": [
             {**eight_q, "system": "swiftune", "no_recompute_skip": True},
             {**eight_q, "system": "swiftune"},
@@ -148,6 +165,8 @@ def command(run: dict, profile: bool) -> list[str]:
         args.append("--no-cudnn-attention")
     if run.get("park"):
         args += ["--park", run["park"]]
+    if run.get("graphs"):
+        args.append("--graphs")
     if profile and run["system"] == "swiftune" and run.get("points") and not run.get("checkpointing"):
         args.append("--profile")
     return args
@@ -232,6 +251,8 @@ def main() -> None:
         "ab8b",
         "attn8b",
         "park8b",
+        "gate8b",
+        "graph8b",
         "final1b",
         "final8b",
         "curve",

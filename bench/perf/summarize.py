@@ -23,6 +23,8 @@ def label(r: dict) -> str:
         text += " no-skip"
     if r.get("park"):
         text += f" park={r['park']}"
+    if r.get("graphs"):
+        text += " graphs"
     return text
 
 

@@ -112,6 +112,11 @@ def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int, overri
             handle = module.__dict__.get("_swiftune_offload")
             if handle is not None:
                 getattr(handle, "handle", handle).park_intermediates = True
+    if CHECKPOINTING.get("graphs"):  # checkpointed layers replay their forward from CUDA graphs
+        for module in model.modules():
+            handle = module.__dict__.get("_swiftune_offload")
+            if handle is not None:
+                getattr(handle, "handle", handle).graph_forward = True
     model.train()
     return model, lambda m, b: fused_causal_lm_loss(m, b)
 
@@ -160,6 +165,8 @@ def measure(args, model, loss_of, config) -> None:
         base["cudnn_attention"] = False
     if args.park:
         base["park"] = args.park
+    if args.graphs:
+        base["graphs"] = True
     for point in [p for p in args.points.split(",") if p and not args.curve]:
         batch_size, seq = (int(v) for v in point.split("x"))
         batch = random_batch(config.vocab_size, batch_size, seq)
@@ -174,7 +181,12 @@ def measure(args, model, loss_of, config) -> None:
         result = {**base, "batch": batch_size, "seq": seq, "tokens_per_s": round(tokens_per_s or 0, 1)}
         result.update(step_s=out["step_s"], peak_gib=out["peak_gib"], first_loss=out["first_loss"])
         result["losses"] = out["losses"]
-        for key in ("step_s_all", "pinned_allocs_timed", "pinned_alloc_ms_timed", "gc_timed", "device_pool_timed"):
+        if args.graphs:  # graphs captured and replays run, over all layers (the warm-up steps included)
+            wrappers = [getattr(m.__dict__.get("forward"), "graphs", None) for m in model.modules()]
+            result["graph_captures"] = sum(g.captures for g in wrappers if g is not None)
+            result["graph_replays"] = sum(g.replays for g in wrappers if g is not None)
+        keys = ("step_s_all", "pinned_allocs_timed", "pinned_alloc_ms_timed", "gc_timed", "device_pool_timed")
+        for key in (*keys, "graph_pool_gib"):
             if key in out:
                 result[key] = out[key]
         if torch.cuda.is_available():
@@ -303,12 +315,16 @@ def main() -> None:
     parser.add_argument("--checkpointing", default=None, help="swiftune: auto, true, offload or a GiB budget")
     parser.add_argument("--no-recompute-skip", action="store_true", help="swiftune: recompute the down projection")
     parser.add_argument("--park", default="", help="swiftune: park these MLP projections for the recompute (gate,up)")
+    parser.add_argument("--graphs", action="store_true", help="swiftune: checkpointed forwards from CUDA graphs")
     parser.add_argument(
         "--no-cudnn-attention", action="store_true", help="turn PyTorch's cuDNN attention off (sdpa then uses flash)"
     )
     args = parser.parse_args()
     CHECKPOINTING.update(
-        mode=_checkpoint_mode(args.checkpointing), no_skip=args.no_recompute_skip, park=_park_projections(args.park)
+        mode=_checkpoint_mode(args.checkpointing),
+        no_skip=args.no_recompute_skip,
+        park=_park_projections(args.park),
+        graphs=args.graphs,
     )
     if args.no_cudnn_attention:  # A/B: cuDNN attention costs ~100 us of host time a call where the host bounds a step
         import torch

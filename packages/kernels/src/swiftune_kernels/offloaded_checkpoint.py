@@ -24,6 +24,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from swiftune_kernels.layer_graphs import (
+    ForwardGraphs,
+    adapter_state,
+    draws_random_numbers,
+    global_hooks,
+    has_inner_hooks,
+    lora_modules,
+    spec_key,
+)
 from swiftune_kernels.offload_host_copy import HostCopy
 from swiftune_kernels.recompute_parking import ParkingLot, parked_for_recompute, parking_for_forward
 
@@ -141,9 +150,20 @@ class _Plan:
     """What forward and backward share that is not a tensor: the function, argument structure, options."""
 
     def __init__(
-        self, run_function, spec, num_arg_tensors, params, offload, preserve_rng_state, whole_layer=False, park=False
+        self,
+        run_function,
+        spec,
+        num_arg_tensors,
+        params,
+        offload,
+        preserve_rng_state,
+        whole_layer=False,
+        park=False,
+        graphs=None,
     ) -> None:
         self.run_function = run_function
+        # (ForwardGraphs, the layer's state that a graph depends on) when the forward may be replayed from a graph
+        self.graphs = graphs
         self.whole_layer = whole_layer  # a decoder layer wrapped per layer: recomputing_for_backward() holds
         self.park = park  # its forward may park intermediates for its recompute (recompute_parking)
         self.spec = spec  # (args, kwargs) with _Slot in place of tensors
@@ -196,8 +216,13 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             ctx.host_copy.followers.append(ctx.lot)
         token = _CHECKPOINTED_FORWARD.set(plan.whole_layer)
         try:
-            with parking_for_forward(ctx.lot):
-                plan.output_spec, out_tensors = plan.run(hidden_states, arg_tensors)
+            if plan.graphs is not None and ctx.lot is None and not torch.cuda.is_current_stream_capturing():
+                graphs, state = plan.graphs
+                state = (spec_key(plan.spec), tuple(ctx.autocast), state)
+                plan.output_spec, out_tensors = graphs.run(plan.run, hidden_states, list(arg_tensors), state)
+            else:
+                with parking_for_forward(ctx.lot):
+                    plan.output_spec, out_tensors = plan.run(hidden_states, arg_tensors)
         finally:
             _CHECKPOINTED_FORWARD.reset(token)
         if not out_tensors:
@@ -321,7 +346,16 @@ def offloaded_checkpoint(
 
 
 def _checkpoint(
-    layer_fn, params, hidden_states, args, kwargs, offload, preserve_rng_state, whole_layer=False, park=False
+    layer_fn,
+    params,
+    hidden_states,
+    args,
+    kwargs,
+    offload,
+    preserve_rng_state,
+    whole_layer=False,
+    park=False,
+    graphs=None,
 ):
     if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
         got = hidden_states.dtype if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
@@ -336,7 +370,9 @@ def _checkpoint(
         seq_len = shape[-2] if hidden_states.dim() >= 2 else 1
         batch = max(1, hidden_states.numel() // max(1, seq_len * shape[-1]))
         offload = checkpoint_policy(max(1, seq_len), max(1, shape[-1]), batch, hidden_states.device) == "offload"
-    plan = _Plan(layer_fn, spec, len(arg_tensors), params, bool(offload), preserve_rng_state, whole_layer, park)
+    if graphs is not None and hidden_states.device.type != "cuda":
+        graphs = None
+    plan = _Plan(layer_fn, spec, len(arg_tensors), params, bool(offload), preserve_rng_state, whole_layer, park, graphs)
     out_tensors = OffloadedCheckpointFunction.apply(plan, hidden_states, *arg_tensors, *(params or []))
     return _fill(plan.output_spec, list(out_tensors))
 
@@ -373,9 +409,16 @@ class _CheckpointedForward:
     """Stands in for ``module.forward`` (an instance attribute): checkpoints the original bound forward."""
 
     def __init__(
-        self, module: nn.Module, forward: Callable, policy: str, preserve_rng_state: bool, park: bool = False
+        self,
+        module: nn.Module,
+        forward: Callable,
+        policy: str,
+        preserve_rng_state: bool,
+        park: bool = False,
+        graph_forward: bool = False,
     ) -> None:
         self.module_name = type(module).__name__
+        self.is_training = lambda: module.training
         # The module is known here even when `forward` hides it (accelerate's functools.partial hooks).
         self.parameters, self.modules = module.parameters, module.modules
         self.forward = forward
@@ -383,7 +426,9 @@ class _CheckpointedForward:
         self.checkpoint = True  # False: the layer runs as is and keeps its activations (a memory plan's choice)
         self.preserve_rng_state = preserve_rng_state
         self.park = park  # an offloaded layer's forward parks intermediates for its recompute (recompute_parking)
+        self.graphs = ForwardGraphs() if graph_forward else None  # the checkpointed forward replayed (layer_graphs)
         self._parameters_seen: tuple[int, list[nn.Parameter]] | None = None
+        self._graph_seen: tuple[tuple[int, bool], list[nn.Module] | None] | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The layer's parameters that require grad now. The walk over its modules (hundreds with peft's wrappers, a
@@ -394,6 +439,28 @@ class _CheckpointedForward:
             _WATCHED.update(self.modules())
             self._parameters_seen = (generation, list(self.parameters()))
         return [p for p in self._parameters_seen[1] if p.requires_grad]
+
+    def graph_plan(self) -> tuple[ForwardGraphs, tuple] | None:
+        """(the layer's graphs, the state its graphs depend on), or None when its forward must run eagerly.
+
+        A layer that draws random numbers (dropout while training) or has hooks on its submodules is never
+        captured. The walk for that and for the LoRA modules is redone only after a registration inside the layer
+        or a change of training mode; the adapters' switches (peft's disable_adapters, active adapters, merged,
+        scaling) and the presence of global module hooks are read on every call. A hook added to a submodule of a
+        layer already captured is not seen: switch ``graph_forward`` off and on to drop the captured graphs.
+        """
+        if self.graphs is None or global_hooks():
+            return None
+        seen = (_STRUCTURE["generation"], self.is_training())
+        if self._graph_seen is None or self._graph_seen[0] != seen:
+            _WATCHED.update(self.modules())
+            owner = next(iter(self.modules()))
+            eager = draws_random_numbers(owner) or has_inner_hooks(owner)
+            self._graph_seen = (seen, None if eager else lora_modules(owner))
+        modules = self._graph_seen[1]
+        if modules is None:
+            return None
+        return self.graphs, (seen, adapter_state(modules))
 
     def set_mode(self, mode: str) -> None:
         """``"none"`` (keep activations), or checkpoint with ``"auto"``, ``"offload"`` or ``"recompute"``."""
@@ -432,6 +499,7 @@ class _CheckpointedForward:
             self.preserve_rng_state,
             whole_layer=True,
             park=self.park,
+            graphs=None if self.park else self.graph_plan(),
         )
 
 
@@ -460,6 +528,18 @@ class OffloadedCheckpointingHandle:
     def park_intermediates(self, park: bool) -> None:
         for _, wrapper, _ in self._entries:
             wrapper.park = bool(park)
+
+    @property
+    def graph_forward(self) -> bool:
+        """Whether checkpointed layers replay their forward from CUDA graphs (:func:`apply_offloaded_checkpointing`).
+
+        Setting it (even to its current value) drops the graphs captured so far."""
+        return all(w.graphs is not None for _, w, _ in self._entries)
+
+    @graph_forward.setter
+    def graph_forward(self, on: bool) -> None:
+        for _, wrapper, _ in self._entries:
+            wrapper.graphs = ForwardGraphs() if on else None
 
     def set_modes(self, modes: list[str]) -> None:
         """Give each layer, in order, a mode: "none" keeps its activations (no recompute, fastest), "recompute"
@@ -494,6 +574,7 @@ def apply_offloaded_checkpointing(
     policy: str = "auto",
     preserve_rng_state: bool = True,
     park_intermediates: bool = False,
+    graph_forward: bool = False,
 ) -> OffloadedCheckpointingHandle:
     """Checkpoint every layer of ``model_layers`` (e.g. ``model.model.layers``), offloading inputs where it pays.
 
@@ -512,6 +593,11 @@ def apply_offloaded_checkpointing(
             and host memory of the offloaded inputs, and one layer's parked tensors more at the peak. Off by default:
             on H100 hosts it cut the GPU time of an 8B QLoRA step by ~16% but the step time by 0-8%, and some
             runs were slower (docs/BENCHMARKS.md). Also settable later on the handle.
+        graph_forward: on CUDA, capture each checkpointed layer's forward in a CUDA graph after two eager calls
+            with the same input signature and replay it from then on (:mod:`swiftune_kernels.layer_graphs`): the
+            host issues one replay instead of the layer's ~100 launches. Not for layers with dropout while
+            training, nor with ``park_intermediates``. Costs one layer's forward temporaries in a memory pool of
+            their own (``layer_graphs.graph_pool_bytes()``). Also settable later on the handle.
 
     Returns:
         A handle whose ``revert()`` restores every original forward.
@@ -535,7 +621,9 @@ def apply_offloaded_checkpointing(
     entries = []
     for layer in layers:
         previous = layer.__dict__.get("forward")  # accelerate and others set an instance forward too
-        wrapper = _CheckpointedForward(layer, layer.forward, policy, preserve_rng_state, park_intermediates)
+        wrapper = _CheckpointedForward(
+            layer, layer.forward, policy, preserve_rng_state, park_intermediates, graph_forward
+        )
         layer.forward = wrapper
         entries.append((layer, wrapper, previous))
     return OffloadedCheckpointingHandle(entries)

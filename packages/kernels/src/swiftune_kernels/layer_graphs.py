@@ -1,0 +1,253 @@
+"""CUDA graphs of a checkpointed decoder layer's forward: one replay instead of ~100 launches issued from Python.
+
+A checkpointed layer's forward runs without grad and hands back only its output, which makes it a pure function of
+its inputs and weights: it can be captured once and replayed. In a QLoRA step at batch 2 x 2048 (Llama-8B on an
+H100) the host takes as long to issue the layer's launches as the GPU takes to run them, so the step waits on
+Python. Replayed, the forward costs the host a few copies and one launch per layer, the host runs ahead into the
+backward while the GPU still works on the forward, and the step becomes bound by the GPU.
+
+How (:class:`ForwardGraphs`, one per layer, kept by the checkpoint wrapper):
+- The first calls with a new input signature (shapes, dtypes, strides, the non-tensor arguments, autocast state and
+  the layer's adapter state) run eagerly; the ``warmup``-th runs once more on a side stream and is captured there.
+- Every layer's graphs share one memory pool and one set of input and output buffers per signature: replays run one
+  after another on one stream, so one layer's temporaries are all the pool holds. Inputs are copied into the
+  shared buffers before a replay and the output is cloned out after it (two device copies of the hidden states).
+- A signature that fails to capture (a host sync inside the layer, an op that cannot be captured) runs eagerly from
+  then on. Layers whose modules draw random numbers (dropout with p > 0 while training), or whose submodules have
+  forward hooks (a replay would skip them), are never captured; nor while global module hooks exist.
+
+The pool is device memory that only these graphs use, beyond what the step allocates otherwise:
+:func:`graph_pool_bytes` reports it, and a peak memory measured with ``torch.cuda.max_memory_allocated`` must add
+it. No Triton kernel: this is capture and caching plumbing, proven on a GPU (tests/test_layer_graphs.py); the
+signature and state logic is also proven on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+# Eager runs of a signature before it is captured (the last one on the capture stream, which also warms up that
+# stream's cuBLAS workspace); and the signatures a layer keeps graphs for (past it, new ones run eagerly).
+WARMUP_CALLS = 2
+MAX_GRAPHS_PER_LAYER = 4
+
+_UNCAPTURABLE = object()
+# Per device: the memory pool and the capture stream every layer's graphs share; the shared input / output buffers.
+_POOLS: dict[int, tuple] = {}
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def _pool(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _POOLS:
+        _POOLS[index] = torch.cuda.graph_pool_handle()
+    return _POOLS[index]
+
+
+def _stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _STREAMS:
+        _STREAMS[index] = torch.cuda.Stream(device)
+    return _STREAMS[index]
+
+
+def graph_pool_bytes() -> int:
+    """Device memory reserved by the shared pools of the layer graphs (all devices), plus their shared buffers."""
+    if not _POOLS:
+        return 0
+    pools = set(_POOLS.values())
+    total = sum(
+        segment["total_size"]
+        for segment in torch.cuda.memory._snapshot()["segments"]
+        if tuple(segment.get("segment_pool_id", ())) in pools
+    )
+    return total + sum(buffer.untyped_storage().nbytes() for buffer in _BUFFERS.values())
+
+
+def release_graphs_memory() -> None:
+    """Forget the shared buffers (graphs that use them must be dropped first: :meth:`ForwardGraphs.clear`)."""
+    _BUFFERS.clear()
+
+
+def _buffer(role: str, index: int, like: tuple[torch.Size, torch.dtype, torch.device]) -> torch.Tensor:
+    """The shared buffer for argument or output ``index`` of this shape and dtype, allocated outside any pool."""
+    key = (role, index, *like)
+    buffer = _BUFFERS.get(key)
+    if buffer is None:
+        shape, dtype, device = like
+        buffer = _BUFFERS[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buffer
+
+
+def spec_key(spec: Any) -> Any:
+    """A hashable stand-in for the non-tensor structure of a layer's arguments (tensors are numbered slots there).
+
+    Plain values count by value; any other object by identity, so that an object made anew on every call (whose
+    meaning the graph cannot know) never reaches a capture.
+    """
+    if spec is None or isinstance(spec, (bool, int, float, str, torch.dtype, torch.device)):
+        return spec
+    if isinstance(spec, (tuple, list)):
+        return (type(spec).__name__, *(spec_key(item) for item in spec))
+    if type(spec) is dict:
+        return ("dict", *((key, spec_key(value)) for key, value in spec.items()))
+    if type(spec).__name__ == "_Slot":
+        return ("slot", spec.index)
+    return ("object", id(spec))
+
+
+def tensor_signature(tensors: list[torch.Tensor]) -> tuple:
+    """Shapes, dtypes, strides and devices of ``tensors``: what a captured graph's kernels were specialized on."""
+    return tuple((t.shape, t.dtype, t.stride(), t.device) for t in tensors)
+
+
+def draws_random_numbers(module: nn.Module) -> bool:
+    """Whether ``module`` (or a submodule) applies dropout with p > 0 in its current training mode."""
+    for sub in module.modules():
+        if not sub.training:
+            continue
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0:
+            return True
+        rate = getattr(sub, "attention_dropout", 0.0)  # transformers' attention modules pass it to sdpa
+        if isinstance(rate, (int, float)) and rate > 0:
+            return True
+    return False
+
+
+def has_inner_hooks(module: nn.Module) -> bool:
+    """Whether a submodule of ``module`` (not ``module`` itself, whose hooks run outside its checkpointed forward)
+    has forward hooks: a replay would skip them, so such a layer runs eagerly."""
+    return any(sub._forward_hooks or sub._forward_pre_hooks for sub in module.modules() if sub is not module)
+
+
+def global_hooks() -> bool:
+    """Whether forward hooks registered for every module (``nn.modules.module.register_module_forward_hook``) exist."""
+    from torch.nn.modules import module as module_hooks
+
+    return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
+
+
+def lora_modules(module: nn.Module) -> list[nn.Module]:
+    """The LoRA modules (peft's, ours) inside ``module``."""
+    return [sub for sub in module.modules() if hasattr(sub, "lora_A")]
+
+
+def adapter_state(modules: list[nn.Module]) -> tuple:
+    """What peft lets a user switch on LoRA modules without registering anything (which the graphs would miss):
+    adapters disabled, the active adapters, merged, and the scalings, for each of ``modules``."""
+    state = []
+    for sub in modules:
+        scaling = getattr(sub, "scaling", {})
+        state.append(
+            (
+                bool(getattr(sub, "disable_adapters", False)),
+                tuple(getattr(sub, "active_adapters", ()) or ()),
+                bool(getattr(sub, "merged", False)),
+                tuple(scaling.items()) if isinstance(scaling, dict) else scaling,
+            )
+        )
+    return tuple(state)
+
+
+class _Graph:
+    __slots__ = ("graph", "inputs", "outputs", "output_spec")
+
+    def __init__(self, graph, inputs, outputs, output_spec) -> None:
+        self.graph, self.inputs, self.outputs, self.output_spec = graph, inputs, outputs, output_spec
+
+
+class ForwardGraphs:
+    """The captured forwards of one layer, by signature (see the module docstring)."""
+
+    def __init__(self, warmup: int = WARMUP_CALLS, max_graphs: int = MAX_GRAPHS_PER_LAYER) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup must be at least 1 eager call before capture, got {warmup}.")
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self._graphs: dict[tuple, Any] = {}  # signature -> _Graph, or _UNCAPTURABLE
+        self._eager_calls: dict[tuple, int] = {}
+        self.captures = 0  # graphs captured, and replays run (for tests and benchmarks)
+        self.replays = 0
+
+    def clear(self) -> None:
+        """Drop every graph (their pool memory returns when no layer holds a graph of it)."""
+        self._graphs.clear()
+        self._eager_calls.clear()
+
+    def run(
+        self,
+        run: Callable[[torch.Tensor, list[torch.Tensor]], tuple[Any, list[torch.Tensor]]],
+        hidden_states: torch.Tensor,
+        arg_tensors: list[torch.Tensor],
+        state: tuple,
+    ) -> tuple[Any, list[torch.Tensor]]:
+        """``run(hidden_states, arg_tensors)`` -> (output spec, output tensors): replayed from a graph when one was
+        captured for this signature, else eagerly (capturing it at the ``warmup``-th eager call)."""
+        tensors = [hidden_states, *arg_tensors]
+        key = (tensor_signature(tensors), state)
+        entry = self._graphs.get(key)
+        if isinstance(entry, _Graph):
+            return self._replay(entry, tensors)
+        calls = self._eager_calls.get(key, 0) + 1
+        if entry is _UNCAPTURABLE or calls < self.warmup or len(self._graphs) >= self.max_graphs:
+            self._eager_calls[key] = calls
+            return run(hidden_states, arg_tensors)
+        return self._capture(run, key, tensors)
+
+    def _replay(self, entry: _Graph, tensors: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
+        for buffer, tensor in zip(entry.inputs, tensors, strict=True):
+            buffer.copy_(tensor)
+        entry.graph.replay()
+        self.replays += 1
+        # cloned: the next layer's replay writes the same output buffers while this output is still in use
+        return entry.output_spec, [buffer.clone() for buffer in entry.outputs]
+
+    def _capture(self, run, key: tuple, tensors: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
+        device = tensors[0].device
+        main, side = torch.cuda.current_stream(device), _stream(device)
+        inputs = [_buffer("in", i, (t.shape, t.dtype, t.device)) for i, t in enumerate(tensors)]
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            # The eager result of this call, computed on the capture stream: it warms that stream up (cuBLAS
+            # workspace, cuDNN plans) and is what this call returns. The inputs go to the shared buffers
+            # on the side stream too, after it has waited for the main stream.
+            spec, outputs = run(tensors[0], tensors[1:])
+            for buffer, tensor in zip(inputs, tensors, strict=True):
+                buffer.copy_(tensor)
+        main.wait_stream(side)
+        for tensor in tensors:  # read on the side stream: not reused before that work is done
+            tensor.record_stream(side)
+        for tensor in outputs:  # made on the side stream, used on the main one from now on
+            tensor.record_stream(main)
+        shared_outputs = [_buffer("out", i, (o.shape, o.dtype, o.device)) for i, o in enumerate(outputs)]
+        graph = torch.cuda.CUDAGraph()
+        generator = torch.cuda.default_generators[device.index if device.index is not None else main.device.index]
+        fresh_rng = generator.clone_state()
+        try:
+            with torch.cuda.graph(graph, pool=_pool(device), stream=side):
+                captured_spec, captured = run(inputs[0], inputs[1:])
+                if len(captured) != len(shared_outputs) or any(
+                    c.shape != o.shape or c.dtype != o.dtype for c, o in zip(captured, shared_outputs, strict=False)
+                ):
+                    raise RuntimeError("the captured forward returned other outputs than its eager run")
+                for buffer, value in zip(shared_outputs, captured, strict=True):
+                    buffer.copy_(value)
+                del captured  # back to the pool: the next layer's capture reuses it
+        except Exception:  # an op that cannot be captured (a host sync, a data-dependent shape): stay eager
+            self._graphs[key] = _UNCAPTURABLE
+            torch.cuda.synchronize(device)
+            # A capture that fails leaves the CUDA generator's state marked as capturing (PyTorch ends that mark
+            # only after a successful capture), and every later random op in the process would then raise: the
+            # generator gets an unmarked copy of its state back.
+            generator.graphsafe_set_state(fresh_rng)
+            return spec, outputs
+        main.wait_stream(side)
+        self._graphs[key] = _Graph(graph, inputs, shared_outputs, captured_spec)
+        self._eager_calls.pop(key, None)
+        self.captures += 1
+        return spec, outputs

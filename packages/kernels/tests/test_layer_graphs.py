@@ -1,0 +1,305 @@
+"""Checkpointed forwards replayed from CUDA graphs (layer_graphs): the same outputs and gradients as eager, a capture
+per input signature after the warm-up calls, eager runs where a graph would be wrong or cannot be captured.
+
+The capture itself needs CUDA; the signature, state and dispatch logic is proven on the CPU too."""
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from swiftune_kernels import apply_offloaded_checkpointing, rms_norm
+
+graphs_module = importlib.import_module("swiftune_kernels.layer_graphs")
+checkpoint_module = importlib.import_module("swiftune_kernels.offloaded_checkpoint")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+HIDDEN, INTER, RANK = 64, 160, 8
+
+
+class TinyLoRALayer(nn.Module):
+    """A pre-norm residual block with a frozen base, LoRA adapters and a table passed in as a keyword argument (as
+    decoder layers take position embeddings)."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.Parameter(torch.ones(HIDDEN), requires_grad=False)
+        self.up = nn.Linear(HIDDEN, INTER, bias=False).requires_grad_(False)
+        self.down = nn.Linear(INTER, HIDDEN, bias=False).requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.randn(RANK, HIDDEN) / 8)
+        self.lora_B = nn.Parameter(torch.randn(INTER, RANK) / 8)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, table=None):
+        h = rms_norm(x, self.norm)
+        if table is not None:
+            h = h * table
+        up = self.up(h) + self.dropout(h) @ self.lora_A.t() @ self.lora_B.t()
+        return x + self.down(torch.nn.functional.silu(up))
+
+
+def _stack(n, device, **layer_options):
+    torch.manual_seed(0)
+    return nn.ModuleList(TinyLoRALayer(**layer_options) for _ in range(n)).to(device)
+
+
+def _step(layers, x, table, dy):
+    for p in layers.parameters():
+        p.grad = None
+    h = x.clone().requires_grad_()
+    y = h
+    for layer in layers:
+        y = layer(y, table=table)
+    y.backward(dy)
+    return [y.detach(), h.grad, *(p.grad for p in layers.parameters() if p.requires_grad)]
+
+
+def _wrappers(layers):
+    return [layer.__dict__["forward"] for layer in layers]
+
+
+# --- CPU: signature, state and dispatch -------------------------------------------------------------------------
+
+
+def test_spec_key_counts_plain_values_by_value_and_objects_by_identity():
+    slot = checkpoint_module._Slot
+    key = graphs_module.spec_key
+    assert key(((slot(0),), {"use_cache": False, "n": 3})) == key(((slot(0),), {"use_cache": False, "n": 3}))
+    assert key(((slot(0),), {"n": 3})) != key(((slot(1),), {"n": 3}))
+    assert key({"n": 3}) != key({"n": 4})
+    first, second = object(), object()
+    assert key({"cache": first}) == key({"cache": first})
+    assert key({"cache": first}) != key({"cache": second})
+
+
+def test_dropout_while_training_is_seen_as_drawing_random_numbers():
+    layer = TinyLoRALayer(dropout=0.1)
+    assert graphs_module.draws_random_numbers(layer.train())
+    assert not graphs_module.draws_random_numbers(layer.eval())
+    assert not graphs_module.draws_random_numbers(TinyLoRALayer(dropout=0.0).train())
+    attention = nn.Module()
+    attention.attention_dropout = 0.1
+    assert graphs_module.draws_random_numbers(attention.train())
+
+
+def test_adapter_state_changes_with_peft_switches():
+    layer = TinyLoRALayer()
+    layer.disable_adapters, layer.active_adapters, layer.merged, layer.scaling = False, ["default"], False, {}
+    modules = graphs_module.lora_modules(layer)
+    assert modules == [layer]
+    before = graphs_module.adapter_state(modules)
+    layer.disable_adapters = True
+    assert graphs_module.adapter_state(modules) != before
+    layer.disable_adapters = False
+    layer.scaling = {"default": 2.0}
+    assert graphs_module.adapter_state(modules) != before
+
+
+def test_graph_plan_is_none_with_dropout_and_follows_training_mode():
+    layers = _stack(1, "cpu", dropout=0.1)
+    handle = apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    (wrapper,) = _wrappers(layers)
+    assert handle.graph_forward
+    assert wrapper.graph_plan() is None  # training with dropout
+    layers.eval()
+    assert wrapper.graph_plan() is not None
+    layers.train()
+    assert wrapper.graph_plan() is None
+    handle.graph_forward = False
+    assert wrapper.graph_plan() is None and not handle.graph_forward
+    handle.revert()
+
+
+def test_graph_plan_changes_after_a_parameter_is_replaced():
+    layers = _stack(1, "cpu")
+    handle = apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    (wrapper,) = _wrappers(layers)
+    _, before = wrapper.graph_plan()
+    layers[0].lora_A = nn.Parameter(torch.zeros(RANK, HIDDEN))
+    _, after = wrapper.graph_plan()
+    assert before != after
+    handle.revert()
+
+
+def test_run_captures_at_the_warmup_call_then_replays(monkeypatch):
+    graphs = graphs_module.ForwardGraphs(warmup=2, max_graphs=2)
+    events = []
+
+    def capture(run, key, tensors):
+        events.append("capture")
+        graphs._graphs[key] = graphs_module._Graph(None, [], [], "spec")
+        return run(tensors[0], tensors[1:])
+
+    monkeypatch.setattr(graphs, "_capture", capture)
+    monkeypatch.setattr(graphs, "_replay", lambda entry, tensors: (events.append("replay"), ("spec", []))[1])
+
+    def run(hidden, args):
+        events.append("eager")
+        return "spec", [hidden]
+
+    x, table = torch.zeros(2, 3), torch.zeros(3)
+    for _ in range(4):
+        graphs.run(run, x, [table], state=("s",))
+    assert events == ["eager", "capture", "eager", "replay", "replay"]
+    events.clear()
+    graphs.run(run, torch.zeros(4, 3), [table], state=("s",))  # new shape: its own warm-up
+    graphs.run(run, x, [table], state=("other",))  # new state: its own warm-up
+    assert events == ["eager", "eager"]
+    graphs.run(run, torch.zeros(4, 3), [table], state=("s",))  # second signature captured: max_graphs reached
+    events.clear()
+    graphs.run(run, x, [table], state=("other",))  # a third would be captured here, but stays eager
+    graphs.run(run, x, [table], state=("other",))
+    assert events == ["eager", "eager"]
+
+
+def test_layers_off_cuda_never_capture():
+    layers = _stack(2, "cpu")
+    handle = apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    x, dy = torch.randn(2, 5, HIDDEN), torch.randn(2, 5, HIDDEN)
+    for _ in range(3):
+        _step(layers, x, None, dy)
+    assert all(w.graphs.captures == 0 and w.graphs.replays == 0 for w in _wrappers(layers))
+    handle.revert()
+
+
+# --- CUDA: capture and replay --------------------------------------------------------------------------------
+
+
+@cuda
+@pytest.mark.parametrize("policy", ["offload", "recompute"])
+def test_replayed_forwards_give_the_eager_outputs_and_gradients(policy):
+    device = torch.device("cuda")
+    eager, graphed = _stack(3, device), _stack(3, device)
+    plain = apply_offloaded_checkpointing(eager, policy=policy)
+    handle = apply_offloaded_checkpointing(graphed, policy=policy, graph_forward=True)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for step in range(5):  # eager, capture (computed eagerly on the side stream), then replays with new inputs
+        x = torch.randn(2, 37, HIDDEN, generator=gen).to(device)
+        table = (1 + torch.randn(HIDDEN, generator=gen) / 4).to(device)
+        dy = torch.randn(2, 37, HIDDEN, generator=gen).to(device)
+        want = _step(eager, x, table, dy)
+        got = _step(graphed, x, table, dy)
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+    assert [w.graphs.captures for w in _wrappers(graphed)] == [1, 1, 1]
+    assert [w.graphs.replays for w in _wrappers(graphed)] == [3, 3, 3]
+    assert graphs_module.graph_pool_bytes() > 0
+    plain.revert()
+    handle.revert()
+
+
+@cuda
+def test_replayed_outputs_are_the_callers_own_tensors():
+    device = torch.device("cuda")
+    layers = _stack(2, device)
+    handle = apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    x = torch.randn(2, 9, HIDDEN, device=device, requires_grad=True)
+    for _ in range(3):
+        first = layers[0](x)
+        second = layers[1](first)
+    shared = {b.data_ptr() for b in graphs_module._BUFFERS.values()}
+    assert first.data_ptr() not in shared and second.data_ptr() not in shared
+    kept = first.detach().clone()
+    layers[1](first)  # another replay writes the shared output buffer again
+    torch.testing.assert_close(first.detach(), kept, atol=0, rtol=0)
+    handle.revert()
+
+
+@cuda
+def test_a_new_shape_is_captured_on_its_own_and_both_stay_correct():
+    device = torch.device("cuda")
+    eager, graphed = _stack(1, device), _stack(1, device)
+    apply_offloaded_checkpointing(eager, policy="recompute")
+    apply_offloaded_checkpointing(graphed, policy="recompute", graph_forward=True)
+    for tokens in (16, 24, 16, 24, 16, 24):
+        x, dy = torch.randn(1, tokens, HIDDEN, device=device), torch.randn(1, tokens, HIDDEN, device=device)
+        for w, g in zip(_step(eager, x, None, dy), _step(graphed, x, None, dy), strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    (wrapper,) = _wrappers(graphed)
+    assert wrapper.graphs.captures == 2 and wrapper.graphs.replays == 2
+
+
+@cuda
+def test_dropout_layers_run_eagerly():
+    device = torch.device("cuda")
+    layers = _stack(1, device, dropout=0.2)
+    apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    x, dy = torch.randn(1, 8, HIDDEN, device=device), torch.randn(1, 8, HIDDEN, device=device)
+    for _ in range(4):
+        _step(layers, x, None, dy)
+    (wrapper,) = _wrappers(layers)
+    assert wrapper.graphs.captures == 0 and wrapper.graphs.replays == 0
+
+
+@cuda
+def test_a_replaced_adapter_is_used_by_the_next_forward():
+    device = torch.device("cuda")
+    eager, graphed = _stack(1, device), _stack(1, device)
+    apply_offloaded_checkpointing(eager, policy="recompute")
+    apply_offloaded_checkpointing(graphed, policy="recompute", graph_forward=True)
+    x, dy = torch.randn(1, 8, HIDDEN, device=device), torch.randn(1, 8, HIDDEN, device=device)
+    for _ in range(3):
+        _step(graphed, x, None, dy)
+    for layers in (eager, graphed):
+        layers[0].lora_B = nn.Parameter(torch.full((INTER, RANK), 0.3, device=device))
+    for _ in range(3):
+        for w, g in zip(_step(eager, x, None, dy), _step(graphed, x, None, dy), strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+class SyncingLayer(TinyLoRALayer):
+    """Reads a value back to the host inside its forward, which a CUDA graph cannot capture."""
+
+    def forward(self, x, table=None):
+        if float(x.abs().amax()) < 0:
+            raise AssertionError("unreachable")
+        return super().forward(x, table)
+
+
+@cuda
+def test_a_forward_that_cannot_be_captured_stays_eager_and_correct():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    eager = nn.ModuleList([SyncingLayer()]).to(device)
+    torch.manual_seed(0)
+    graphed = nn.ModuleList([SyncingLayer()]).to(device)
+    apply_offloaded_checkpointing(eager, policy="recompute")
+    apply_offloaded_checkpointing(graphed, policy="recompute", graph_forward=True)
+    x, dy = torch.randn(1, 8, HIDDEN, device=device), torch.randn(1, 8, HIDDEN, device=device)
+    for _ in range(4):
+        for w, g in zip(_step(eager, x, None, dy), _step(graphed, x, None, dy), strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    (wrapper,) = _wrappers(graphed)
+    assert wrapper.graphs.captures == 0 and wrapper.graphs.replays == 0
+
+
+def test_hooks_on_submodules_keep_a_layer_eager():
+    layers = _stack(1, "cpu")
+    handle = apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    (wrapper,) = _wrappers(layers)
+    assert wrapper.graph_plan() is not None
+    hook = layers[0].up.register_forward_hook(lambda *_: None)
+    layers[0].extra = nn.Identity()  # a registration: the layer is walked again
+    assert wrapper.graph_plan() is None
+    hook.remove()
+    layers[0].extra2 = nn.Identity()
+    assert wrapper.graph_plan() is not None
+    everywhere = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+    assert wrapper.graph_plan() is None
+    everywhere.remove()
+    assert wrapper.graph_plan() is not None
+    handle.revert()
+
+
+@cuda
+def test_a_failed_capture_leaves_random_numbers_working():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    layers = nn.ModuleList([SyncingLayer()]).to(device)
+    apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    x, dy = torch.randn(1, 8, HIDDEN, device=device), torch.randn(1, 8, HIDDEN, device=device)
+    for _ in range(3):
+        _step(layers, x, None, dy)
+    dropped = torch.nn.functional.dropout(torch.ones(1000, device=device), p=0.5)
+    assert 300 < int((dropped == 0).sum()) < 700
