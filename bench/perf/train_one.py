@@ -116,7 +116,7 @@ def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int, overri
         for module in model.modules():
             handle = module.__dict__.get("_swiftune_offload")
             if handle is not None:
-                getattr(handle, "handle", handle).graph_forward = True
+                getattr(handle, "handle", handle).cuda_graphs = True
     model.train()
     return model, lambda m, b: fused_causal_lm_loss(m, b)
 

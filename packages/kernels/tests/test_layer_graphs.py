@@ -1,5 +1,6 @@
-"""Checkpointed forwards replayed from CUDA graphs (layer_graphs): the same outputs and gradients as eager, a capture
-per input signature after the warm-up calls, eager runs where a graph would be wrong or cannot be captured.
+"""Checkpointed layers replayed from CUDA graphs (layer_graphs), forward and backward: the same outputs and gradients
+as eager, a capture per input signature after the warm-up calls, eager runs where a graph would be wrong or cannot be
+captured.
 
 The capture itself needs CUDA; the signature, state and dispatch logic is proven on the CPU too."""
 
@@ -98,22 +99,22 @@ def test_adapter_state_changes_with_peft_switches():
 
 def test_graph_plan_is_none_with_dropout_and_follows_training_mode():
     layers = _stack(1, "cpu", dropout=0.1)
-    handle = apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    handle = apply_offloaded_checkpointing(layers, policy="recompute", cuda_graphs=True)
     (wrapper,) = _wrappers(layers)
-    assert handle.graph_forward
+    assert handle.cuda_graphs
     assert wrapper.graph_plan() is None  # training with dropout
     layers.eval()
     assert wrapper.graph_plan() is not None
     layers.train()
     assert wrapper.graph_plan() is None
-    handle.graph_forward = False
-    assert wrapper.graph_plan() is None and not handle.graph_forward
+    handle.cuda_graphs = False
+    assert wrapper.graph_plan() is None and not handle.cuda_graphs
     handle.revert()
 
 
 def test_graph_plan_changes_after_a_parameter_is_replaced():
     layers = _stack(1, "cpu")
-    handle = apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    handle = apply_offloaded_checkpointing(layers, policy="recompute", cuda_graphs=True)
     (wrapper,) = _wrappers(layers)
     _, before = wrapper.graph_plan()
     layers[0].lora_A = nn.Parameter(torch.zeros(RANK, HIDDEN))
@@ -123,7 +124,7 @@ def test_graph_plan_changes_after_a_parameter_is_replaced():
 
 
 def test_run_captures_at_the_warmup_call_then_replays(monkeypatch):
-    graphs = graphs_module.ForwardGraphs(warmup=2, max_graphs=2)
+    graphs = graphs_module.LayerGraphs(warmup=2, max_graphs=2)
     events = []
 
     def capture(run, key, tensors):
@@ -155,7 +156,7 @@ def test_run_captures_at_the_warmup_call_then_replays(monkeypatch):
 
 def test_layers_off_cuda_never_capture():
     layers = _stack(2, "cpu")
-    handle = apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    handle = apply_offloaded_checkpointing(layers, policy="recompute", cuda_graphs=True)
     x, dy = torch.randn(2, 5, HIDDEN), torch.randn(2, 5, HIDDEN)
     for _ in range(3):
         _step(layers, x, None, dy)
@@ -172,7 +173,7 @@ def test_replayed_forwards_give_the_eager_outputs_and_gradients(policy):
     device = torch.device("cuda")
     eager, graphed = _stack(3, device), _stack(3, device)
     plain = apply_offloaded_checkpointing(eager, policy=policy)
-    handle = apply_offloaded_checkpointing(graphed, policy=policy, graph_forward=True)
+    handle = apply_offloaded_checkpointing(graphed, policy=policy, cuda_graphs=True)
     gen = torch.Generator(device="cpu").manual_seed(1)
     for step in range(5):  # eager, capture (computed eagerly on the side stream), then replays with new inputs
         x = torch.randn(2, 37, HIDDEN, generator=gen).to(device)
@@ -182,8 +183,9 @@ def test_replayed_forwards_give_the_eager_outputs_and_gradients(policy):
         got = _step(graphed, x, table, dy)
         for w, g in zip(want, got, strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"step {step}")
-    assert [w.graphs.captures for w in _wrappers(graphed)] == [1, 1, 1]
-    assert [w.graphs.replays for w in _wrappers(graphed)] == [3, 3, 3]
+    # a forward and a backward graph a layer, each replayed in steps 3 to 5
+    assert [w.graphs.captures for w in _wrappers(graphed)] == [2, 2, 2]
+    assert [w.graphs.replays for w in _wrappers(graphed)] == [6, 6, 6]
     assert graphs_module.graph_pool_bytes() > 0
     plain.revert()
     handle.revert()
@@ -193,7 +195,7 @@ def test_replayed_forwards_give_the_eager_outputs_and_gradients(policy):
 def test_replayed_outputs_are_the_callers_own_tensors():
     device = torch.device("cuda")
     layers = _stack(2, device)
-    handle = apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    handle = apply_offloaded_checkpointing(layers, policy="recompute", cuda_graphs=True)
     x = torch.randn(2, 9, HIDDEN, device=device, requires_grad=True)
     for _ in range(3):
         first = layers[0](x)
@@ -211,20 +213,20 @@ def test_a_new_shape_is_captured_on_its_own_and_both_stay_correct():
     device = torch.device("cuda")
     eager, graphed = _stack(1, device), _stack(1, device)
     apply_offloaded_checkpointing(eager, policy="recompute")
-    apply_offloaded_checkpointing(graphed, policy="recompute", graph_forward=True)
+    apply_offloaded_checkpointing(graphed, policy="recompute", cuda_graphs=True)
     for tokens in (16, 24, 16, 24, 16, 24):
         x, dy = torch.randn(1, tokens, HIDDEN, device=device), torch.randn(1, tokens, HIDDEN, device=device)
         for w, g in zip(_step(eager, x, None, dy), _step(graphed, x, None, dy), strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     (wrapper,) = _wrappers(graphed)
-    assert wrapper.graphs.captures == 2 and wrapper.graphs.replays == 2
+    assert wrapper.graphs.captures == 4 and wrapper.graphs.replays == 4  # forward and backward, two shapes
 
 
 @cuda
 def test_dropout_layers_run_eagerly():
     device = torch.device("cuda")
     layers = _stack(1, device, dropout=0.2)
-    apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    apply_offloaded_checkpointing(layers, policy="recompute", cuda_graphs=True)
     x, dy = torch.randn(1, 8, HIDDEN, device=device), torch.randn(1, 8, HIDDEN, device=device)
     for _ in range(4):
         _step(layers, x, None, dy)
@@ -237,7 +239,7 @@ def test_a_replaced_adapter_is_used_by_the_next_forward():
     device = torch.device("cuda")
     eager, graphed = _stack(1, device), _stack(1, device)
     apply_offloaded_checkpointing(eager, policy="recompute")
-    apply_offloaded_checkpointing(graphed, policy="recompute", graph_forward=True)
+    apply_offloaded_checkpointing(graphed, policy="recompute", cuda_graphs=True)
     x, dy = torch.randn(1, 8, HIDDEN, device=device), torch.randn(1, 8, HIDDEN, device=device)
     for _ in range(3):
         _step(graphed, x, None, dy)
@@ -265,7 +267,7 @@ def test_a_forward_that_cannot_be_captured_stays_eager_and_correct():
     torch.manual_seed(0)
     graphed = nn.ModuleList([SyncingLayer()]).to(device)
     apply_offloaded_checkpointing(eager, policy="recompute")
-    apply_offloaded_checkpointing(graphed, policy="recompute", graph_forward=True)
+    apply_offloaded_checkpointing(graphed, policy="recompute", cuda_graphs=True)
     x, dy = torch.randn(1, 8, HIDDEN, device=device), torch.randn(1, 8, HIDDEN, device=device)
     for _ in range(4):
         for w, g in zip(_step(eager, x, None, dy), _step(graphed, x, None, dy), strict=True):
@@ -276,7 +278,7 @@ def test_a_forward_that_cannot_be_captured_stays_eager_and_correct():
 
 def test_hooks_on_submodules_keep_a_layer_eager():
     layers = _stack(1, "cpu")
-    handle = apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    handle = apply_offloaded_checkpointing(layers, policy="recompute", cuda_graphs=True)
     (wrapper,) = _wrappers(layers)
     assert wrapper.graph_plan() is not None
     hook = layers[0].up.register_forward_hook(lambda *_: None)
@@ -297,9 +299,33 @@ def test_a_failed_capture_leaves_random_numbers_working():
     device = torch.device("cuda")
     torch.manual_seed(0)
     layers = nn.ModuleList([SyncingLayer()]).to(device)
-    apply_offloaded_checkpointing(layers, policy="recompute", graph_forward=True)
+    apply_offloaded_checkpointing(layers, policy="recompute", cuda_graphs=True)
     x, dy = torch.randn(1, 8, HIDDEN, device=device), torch.randn(1, 8, HIDDEN, device=device)
     for _ in range(3):
         _step(layers, x, None, dy)
     dropped = torch.nn.functional.dropout(torch.ones(1000, device=device), p=0.5)
     assert 300 < int((dropped == 0).sum()) < 700
+
+
+@cuda
+def test_frozen_inputs_and_absent_output_gradients_are_replayed_right():
+    """A layer whose input needs no gradient (the first layer over frozen embeddings) and whose adapters are partly
+    frozen: the backward graph returns None where the eager backward does."""
+    device = torch.device("cuda")
+    eager, graphed = _stack(1, device), _stack(1, device)
+    for layers in (eager, graphed):
+        layers[0].lora_A.requires_grad_(False)
+    apply_offloaded_checkpointing(eager, policy="offload")
+    apply_offloaded_checkpointing(graphed, policy="offload", cuda_graphs=True)
+    for _ in range(4):
+        x = torch.randn(2, 16, HIDDEN, device=device)  # requires no grad
+        dy = torch.randn(2, 16, HIDDEN, device=device)
+        grads = []
+        for layers in (eager, graphed):
+            layers[0].lora_B.grad = None
+            layers[0](x).backward(dy)
+            grads.append(layers[0].lora_B.grad)
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+        assert graphed[0].lora_A.grad is None
+    (wrapper,) = _wrappers(graphed)
+    assert wrapper.graphs.captures == 2 and wrapper.graphs.replays == 4

@@ -211,3 +211,33 @@ def test_bad_tile_tokens_raise_clear_errors():
     for bad in (8.0, True, "8"):
         with pytest.raises(TypeError, match="tile_tokens must be a positive int"):
             mlp_module.lora_mlp(*args, "silu", tile_tokens=bad)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_without_grad_gives_the_saving_forwards_output(device, dtype, activation):
+    """Without grad nothing is saved, so the activation overwrites gate and up goes early: the same output."""
+    x, weights, _ = _case(dtype, device)
+    with_grad, _, _ = _run(x, weights, activation)
+    outs, _ = lora_tests._ours(mlp_module.lora_mlp, x, weights, 2.0, activation)  # leaves need grad: saves
+    with torch.no_grad():
+        outs_no_grad, _ = lora_tests._ours(mlp_module.lora_mlp, x, weights, 2.0, activation)
+    torch.testing.assert_close(outs_no_grad[0], outs[0].detach(), atol=0, rtol=0)
+    torch.testing.assert_close(outs_no_grad[0], with_grad, atol=0, rtol=0)
+
+
+def test_forward_without_grad_overwrites_gate_with_the_activation(device, monkeypatch):
+    """The no-grad forward asks the activation kernel to write over gate (one T x I buffer fewer)."""
+    x, weights, _ = _case(torch.float32, device)
+    calls = []
+    real = mlp_module.gated_activation_forward
+
+    def spy(gate, up, activation, out=None):
+        calls.append(out is gate)
+        return real(gate, up, activation, out=out)
+
+    monkeypatch.setattr(mlp_module, "gated_activation_forward", spy)
+    with torch.no_grad():
+        lora_tests._ours(mlp_module.lora_mlp, x, weights, 2.0, "silu")
+    lora_tests._ours(mlp_module.lora_mlp, x, weights, 2.0, "silu")  # with grad: h is a buffer of its own
+    assert calls == [True, False]

@@ -125,9 +125,15 @@ def _grid(n_rows: int, n_cols: int) -> tuple[int, int, tuple[int]]:
     return block, n_col_blocks, (n_rows * n_col_blocks,)
 
 
-def gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """Launch ``h = act(gate) * up``; h is contiguous with gate's shape and dtype."""
-    h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+def gated_activation_forward(
+    gate: torch.Tensor, up: torch.Tensor, activation: str, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Launch ``h = act(gate) * up``; h is contiguous with gate's shape and dtype.
+
+    ``out`` (contiguous, gate's shape and dtype) receives h and may be ``gate`` itself: each element is read before
+    it is written, by the same thread."""
+    h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if out is None else out
+    assert out is None or (out.is_contiguous() and out.shape == gate.shape and out.dtype == gate.dtype)
     if h.numel() == 0:
         return h
     (g2, u2, h2), (s_g, s_u, s_h), n_rows, n_cols = _as_rows([gate, up, h])

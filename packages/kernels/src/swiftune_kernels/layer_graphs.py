@@ -1,17 +1,20 @@
-"""CUDA graphs of a checkpointed decoder layer's forward: one replay instead of ~100 launches issued from Python.
+"""CUDA graphs of a checkpointed decoder layer: its forward, and its recompute with backward, each one replay instead
+of hundreds of launches issued from Python.
 
-A checkpointed layer's forward runs without grad and hands back only its output, which makes it a pure function of
-its inputs and weights: it can be captured once and replayed. In a QLoRA step at batch 2 x 2048 (Llama-8B on an
-H100) the host takes as long to issue the layer's launches as the GPU takes to run them, so the step waits on
-Python. Replayed, the forward costs the host a few copies and one launch per layer, the host runs ahead into the
-backward while the GPU still works on the forward, and the step becomes bound by the GPU.
+A checkpointed layer's forward runs without grad and hands back only its output, and its backward recomputes the
+layer from the saved input and returns the gradients of the input and the adapters: both are pure functions of their
+inputs and the weights, so each can be captured once and replayed. In a QLoRA step at batch 2 x 2048 (Llama-8B on
+an H100) the host takes as long to issue a layer's launches as the GPU takes to run them, so the step waits on
+Python; replayed, a layer costs the host a few copies and one launch each way, and the step becomes bound by the GPU.
 
-How (:class:`ForwardGraphs`, one per layer, kept by the checkpoint wrapper):
+How (:class:`LayerGraphs`, one per layer, kept by the checkpoint wrapper; the backward is captured only for a
+layer whose forward was replayed, so the same rules hold for both):
 - The first calls with a new input signature (shapes, dtypes, strides, the non-tensor arguments, autocast state and
   the layer's adapter state) run eagerly; the ``warmup``-th runs once more on a side stream and is captured there.
-- Every layer's graphs share one memory pool and one set of input and output buffers per signature: replays run one
-  after another on one stream, so one layer's temporaries are all the pool holds. Inputs are copied into the
-  shared buffers before a replay and the output is cloned out after it (two device copies of the hidden states).
+- Every layer's graphs, forward and backward, share one memory pool and one set of input and output buffers per
+  signature: replays run one after another on one stream, so one layer's temporaries (the larger of its forward's
+  and its backward's) are all the pool holds, and the backward's temporaries no longer come from the allocator
+  beside it. Inputs are copied into the shared buffers before a replay and the outputs are cloned out after it.
 - A signature that fails to capture (a host sync inside the layer, an op that cannot be captured) runs eagerly from
   then on. Layers whose modules draw random numbers (dropout with p > 0 while training), or whose submodules have
   forward hooks (a replay would skip them), are never captured; nor while global module hooks exist.
@@ -70,7 +73,7 @@ def graph_pool_bytes() -> int:
 
 
 def release_graphs_memory() -> None:
-    """Forget the shared buffers (graphs that use them must be dropped first: :meth:`ForwardGraphs.clear`)."""
+    """Forget the shared buffers (graphs that use them must be dropped first: :meth:`LayerGraphs.clear`)."""
     _BUFFERS.clear()
 
 
@@ -161,8 +164,8 @@ class _Graph:
         self.graph, self.inputs, self.outputs, self.output_spec = graph, inputs, outputs, output_spec
 
 
-class ForwardGraphs:
-    """The captured forwards of one layer, by signature (see the module docstring)."""
+class LayerGraphs:
+    """The captured forwards and backwards of one layer, by signature (see the module docstring)."""
 
     def __init__(self, warmup: int = WARMUP_CALLS, max_graphs: int = MAX_GRAPHS_PER_LAYER) -> None:
         if warmup < 1:
@@ -229,7 +232,8 @@ class ForwardGraphs:
         generator = torch.cuda.default_generators[device.index if device.index is not None else main.device.index]
         fresh_rng = generator.clone_state()
         try:
-            with torch.cuda.graph(graph, pool=_pool(device), stream=side):
+            # thread_local: a backward captures on autograd's device thread; other threads' calls are not its own
+            with torch.cuda.graph(graph, pool=_pool(device), stream=side, capture_error_mode="thread_local"):
                 captured_spec, captured = run(inputs[0], inputs[1:])
                 if len(captured) != len(shared_outputs) or any(
                     c.shape != o.shape or c.dtype != o.dtype for c, o in zip(captured, shared_outputs, strict=False)

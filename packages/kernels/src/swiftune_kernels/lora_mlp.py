@@ -52,7 +52,7 @@ from swiftune_kernels.lora_linear import (
     project_forward,
     weight_shape,
 )
-from swiftune_kernels.recompute_parking import park_for_recompute, take_parked
+from swiftune_kernels.recompute_parking import park_for_recompute, parking_in_forward, take_parked
 from swiftune_kernels.reference import lora as _reference
 from swiftune_kernels.reference.gated_activation import gated_activation as _reference_gated_activation
 
@@ -100,10 +100,11 @@ def lora_mlp_act_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     )
 
 
-def _act_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+def _act_forward(gate: torch.Tensor, up: torch.Tensor, activation: str, in_place: bool = False) -> torch.Tensor:
+    """act(gate) * up; with ``in_place``, written over gate where the kernel runs (gate is then h)."""
     if gate.dtype == torch.float64:
         return _reference_gated_activation(gate, up, activation)
-    return gated_activation_forward(gate, up, activation)
+    return gated_activation_forward(gate, up, activation, out=gate if in_place and gate.is_contiguous() else None)
 
 
 # Automatic tiling bound: tile when one (T x I) buffer (gate, up, dh) would be larger. At 1 GiB a tile of a Llama-8B
@@ -231,11 +232,38 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, g_a, g_b, u_a, u_b, d_a, d_b, g_w, u_w, d_w, g_s, u_s, d_s, activation, output_needed, tile_rows=None
+        ctx,
+        x,
+        g_a,
+        g_b,
+        u_a,
+        u_b,
+        d_a,
+        d_b,
+        g_w,
+        u_w,
+        d_w,
+        g_s,
+        u_s,
+        d_s,
+        activation,
+        output_needed,
+        tile_rows=None,
+        saves=True,
     ):
         x2 = x.reshape(-1, x.shape[-1])
         cast = [adapter_operand(t, x.dtype) for t in (g_a, g_b, u_a, u_b, d_a, d_b)]
         weights, scales = (g_w, u_w, d_w), (g_s, u_s, d_s)
+        if not saves and tile_rows is None and output_needed and not parking_in_forward():
+            # Nothing will be saved (inference, or a checkpointed layer's forward): h overwrites gate and up goes
+            # before the down projection, so that two (T x I) buffers fewer are alive there (the pool of the layer
+            # graphs holds exactly this peak). A parking forward takes the path below: its copies read gate and up.
+            gate, _ = project_forward(x2, g_w, cast[0], cast[1], g_s)
+            up, _ = project_forward(x2, u_w, cast[2], cast[3], u_s)
+            h = _act_forward(gate, up, activation, in_place=True)
+            del gate, up
+            y, _ = project_forward(h, d_w, cast[4], cast[5], d_s)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         if tile_rows is not None:
             if output_needed:
                 y = _tiled_forward(x2, cast, weights, scales, activation, tile_rows)
@@ -282,7 +310,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             )
         dx = None if dx is None else dx.reshape(ctx.x_shape)
         # adapter gradients in x's dtype: the engine casts them to the adapters' (LoRALinearFunction.backward)
-        return (dx, *grads, None, None, None, None, None, None, None, None, None)
+        return (dx, *grads, None, None, None, None, None, None, None, None, None, None)
 
 
 def _out_features(weight) -> int:
@@ -349,9 +377,13 @@ def lora_mlp(
         tokens = math.prod(x.shape[:-1])
         tile_rows = _tile_rows(tile_tokens, tokens, intermediate, x.dtype)
         with AutocastPaused(x):
+            # whether autograd will keep this call for a backward (else the forward saves nothing)
+            saves = torch.is_grad_enabled() and any(
+                t.requires_grad for t in (x, gate_a, gate_b, up_a, up_b, down_a, down_b)
+            )
             return LoRAMLPFunction.apply(
                 x, gate_a, gate_b, up_a, up_b, down_a, down_b, gate_w, up_w, down_w,
-                float(gate_s), float(up_s), float(down_s), activation, bool(output_needed), tile_rows,
+                float(gate_s), float(up_s), float(down_s), activation, bool(output_needed), tile_rows, saves,
             )  # fmt: skip
     return _reference.lora_mlp(
         x, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b, down_s, activation

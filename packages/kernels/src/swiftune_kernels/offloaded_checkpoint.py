@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from swiftune_kernels.layer_graphs import (
-    ForwardGraphs,
+    LayerGraphs,
     adapter_state,
     draws_random_numbers,
     global_hooks,
@@ -162,7 +162,7 @@ class _Plan:
         graphs=None,
     ) -> None:
         self.run_function = run_function
-        # (ForwardGraphs, the layer's state that a graph depends on) when the forward may be replayed from a graph
+        # (LayerGraphs, the layer's state that a graph depends on) when the forward may be replayed from a graph
         self.graphs = graphs
         self.whole_layer = whole_layer  # a decoder layer wrapped per layer: recomputing_for_backward() holds
         self.park = park  # its forward may park intermediates for its recompute (recompute_parking)
@@ -216,9 +216,10 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             ctx.host_copy.followers.append(ctx.lot)
         token = _CHECKPOINTED_FORWARD.set(plan.whole_layer)
         try:
+            ctx.graph_state = None
             if plan.graphs is not None and ctx.lot is None and not torch.cuda.is_current_stream_capturing():
                 graphs, state = plan.graphs
-                state = (spec_key(plan.spec), tuple(ctx.autocast), state)
+                ctx.graph_state = state = (spec_key(plan.spec), tuple(ctx.autocast), state)
                 plan.output_spec, out_tensors = graphs.run(plan.run, hidden_states, list(arg_tensors), state)
             else:
                 with parking_for_forward(ctx.lot):
@@ -248,10 +249,23 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
                 HostCopy.prefetch_newest(hidden_states.device)
         lot, ctx.lot = ctx.lot, None  # what the forward parked for this recompute (recompute_parking)
         needs = ctx.needs_input_grad[1:]  # hidden_states, argument tensors, then parameters
-        num_inputs = 1 + len(saved)
-        inputs = [
-            t.detach().requires_grad_(need) for t, need in zip([hidden_states, *saved], needs[:num_inputs], strict=True)
-        ]
+        if ctx.graph_state is not None and plan.params is not None and not torch.cuda.is_current_stream_capturing():
+            # The forward was replayed from a graph (so nothing in the layer draws random numbers): the recompute
+            # and backward are captured and replayed the same way, in the same pool (layer_graphs).
+            present = tuple(g is not None for g in grad_outputs)
+            state = ("backward", ctx.graph_state, needs, present)
+            given = [g for g in grad_outputs if g is not None]
+
+            def recompute_and_grad(h, rest):
+                given_grads = iter(rest[len(saved) :])
+                grads = [next(given_grads) if p else None for p in present]
+                result = _recompute_and_grad(ctx, lot, needs, h, rest[: len(saved)], grads)
+                found: list[torch.Tensor] = []
+                return [None if r is None else _flatten(r, found) for r in result], found
+
+            graphs, _ = plan.graphs
+            spec, found = graphs.run(recompute_and_grad, hidden_states, [*saved, *given], state)
+            return (None, *(None if r is None else _fill(r, found) for r in spec))
         device = hidden_states.device
         cuda_devices = [device] if plan.preserve_rng_state and device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_devices, enabled=plan.preserve_rng_state):
@@ -259,17 +273,29 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
                 torch.set_rng_state(ctx.cpu_rng)
                 if ctx.cuda_rng is not None:
                     torch.cuda.set_rng_state(ctx.cuda_rng, device)
-            with torch.enable_grad(), contextlib.ExitStack() as stack:
-                for device_type, enabled, dtype, cache in ctx.autocast:
-                    stack.enter_context(
-                        torch.autocast(device_type=device_type, enabled=enabled, dtype=dtype, cache_enabled=cache)
-                    )
-                token = _RECOMPUTING_LAYER.set(plan.whole_layer)
-                try:
-                    with parked_for_recompute(lot):
-                        _, out_tensors = plan.run(inputs[0], inputs[1:])
-                finally:
-                    _RECOMPUTING_LAYER.reset(token)
+            result = _recompute_and_grad(ctx, lot, needs, hidden_states, saved, grad_outputs)
+        return (None, *result)
+
+
+def _recompute_and_grad(ctx, lot, needs, hidden_states, saved, grad_outputs) -> list[torch.Tensor | None]:
+    """The gradients of a checkpointed layer's inputs (those in ``needs``, else None), from its recompute."""
+    plan = ctx.plan
+    num_inputs = 1 + len(saved)
+    inputs = [
+        t.detach().requires_grad_(need) for t, need in zip([hidden_states, *saved], needs[:num_inputs], strict=True)
+    ]
+    with torch.enable_grad():
+        with contextlib.ExitStack() as stack:
+            for device_type, enabled, dtype, cache in ctx.autocast:
+                stack.enter_context(
+                    torch.autocast(device_type=device_type, enabled=enabled, dtype=dtype, cache_enabled=cache)
+                )
+            token = _RECOMPUTING_LAYER.set(plan.whole_layer)
+            try:
+                with parked_for_recompute(lot):
+                    _, out_tensors = plan.run(inputs[0], inputs[1:])
+            finally:
+                _RECOMPUTING_LAYER.reset(token)
         if len(out_tensors) != len(grad_outputs):
             raise RuntimeError(
                 f"layer_fn returned {len(out_tensors)} tensors when recomputed but {len(grad_outputs)} in forward; "
@@ -280,15 +306,13 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         if plan.params is not None:
             wrt = [t for t, need in zip([*inputs, *plan.params], needs, strict=True) if need]
             found = iter(torch.autograd.grad(outputs, wrt, grads, allow_unused=True) if outputs else [None] * len(wrt))
-            result = [next(found) if need else None for need in needs]
-        else:
-            # layer_fn may close over parameters we cannot see: accumulate into every leaf, as reentrant
-            # torch.utils.checkpoint does, and read the inputs' gradients off their detached copies.
-            if outputs:
-                torch.autograd.backward(outputs, grads)
-            result = [t.grad if need else None for t, need in zip(inputs, needs[:num_inputs], strict=True)]
-            result += [None] * (len(needs) - num_inputs)
-        return (None, *result)
+            return [next(found) if need else None for need in needs]
+        # layer_fn may close over parameters we cannot see: accumulate into every leaf, as reentrant
+        # torch.utils.checkpoint does, and read the inputs' gradients off their detached copies.
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+        result = [t.grad if need else None for t, need in zip(inputs, needs[:num_inputs], strict=True)]
+        return result + [None] * (len(needs) - num_inputs)
 
 
 def _layer_parameters(layer_fn: Callable) -> list[nn.Parameter] | None:
@@ -415,7 +439,7 @@ class _CheckpointedForward:
         policy: str,
         preserve_rng_state: bool,
         park: bool = False,
-        graph_forward: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         self.module_name = type(module).__name__
         self.is_training = lambda: module.training
@@ -426,7 +450,7 @@ class _CheckpointedForward:
         self.checkpoint = True  # False: the layer runs as is and keeps its activations (a memory plan's choice)
         self.preserve_rng_state = preserve_rng_state
         self.park = park  # an offloaded layer's forward parks intermediates for its recompute (recompute_parking)
-        self.graphs = ForwardGraphs() if graph_forward else None  # the checkpointed forward replayed (layer_graphs)
+        self.graphs = LayerGraphs() if cuda_graphs else None  # forward and backward replayed (layer_graphs)
         self._parameters_seen: tuple[int, list[nn.Parameter]] | None = None
         self._graph_seen: tuple[tuple[int, bool], list[nn.Module] | None] | None = None
 
@@ -440,14 +464,14 @@ class _CheckpointedForward:
             self._parameters_seen = (generation, list(self.parameters()))
         return [p for p in self._parameters_seen[1] if p.requires_grad]
 
-    def graph_plan(self) -> tuple[ForwardGraphs, tuple] | None:
+    def graph_plan(self) -> tuple[LayerGraphs, tuple] | None:
         """(the layer's graphs, the state its graphs depend on), or None when its forward must run eagerly.
 
         A layer that draws random numbers (dropout while training) or has hooks on its submodules is never
         captured. The walk for that and for the LoRA modules is redone only after a registration inside the layer
         or a change of training mode; the adapters' switches (peft's disable_adapters, active adapters, merged,
         scaling) and the presence of global module hooks are read on every call. A hook added to a submodule of a
-        layer already captured is not seen: switch ``graph_forward`` off and on to drop the captured graphs.
+        layer already captured is not seen: switch ``cuda_graphs`` off and on to drop the captured graphs.
         """
         if self.graphs is None or global_hooks():
             return None
@@ -530,16 +554,17 @@ class OffloadedCheckpointingHandle:
             wrapper.park = bool(park)
 
     @property
-    def graph_forward(self) -> bool:
-        """Whether checkpointed layers replay their forward from CUDA graphs (:func:`apply_offloaded_checkpointing`).
+    def cuda_graphs(self) -> bool:
+        """Whether checkpointed layers replay their forward and backward from CUDA graphs (see
+        :func:`apply_offloaded_checkpointing`).
 
         Setting it (even to its current value) drops the graphs captured so far."""
         return all(w.graphs is not None for _, w, _ in self._entries)
 
-    @graph_forward.setter
-    def graph_forward(self, on: bool) -> None:
+    @cuda_graphs.setter
+    def cuda_graphs(self, on: bool) -> None:
         for _, wrapper, _ in self._entries:
-            wrapper.graphs = ForwardGraphs() if on else None
+            wrapper.graphs = LayerGraphs() if on else None
 
     def set_modes(self, modes: list[str]) -> None:
         """Give each layer, in order, a mode: "none" keeps its activations (no recompute, fastest), "recompute"
@@ -574,7 +599,7 @@ def apply_offloaded_checkpointing(
     policy: str = "auto",
     preserve_rng_state: bool = True,
     park_intermediates: bool = False,
-    graph_forward: bool = False,
+    cuda_graphs: bool = False,
 ) -> OffloadedCheckpointingHandle:
     """Checkpoint every layer of ``model_layers`` (e.g. ``model.model.layers``), offloading inputs where it pays.
 
@@ -593,11 +618,13 @@ def apply_offloaded_checkpointing(
             and host memory of the offloaded inputs, and one layer's parked tensors more at the peak. Off by default:
             on H100 hosts it cut the GPU time of an 8B QLoRA step by ~16% but the step time by 0-8%, and some
             runs were slower (docs/BENCHMARKS.md). Also settable later on the handle.
-        graph_forward: on CUDA, capture each checkpointed layer's forward in a CUDA graph after two eager calls
-            with the same input signature and replay it from then on (:mod:`swiftune_kernels.layer_graphs`): the
-            host issues one replay instead of the layer's ~100 launches. Not for layers with dropout while
-            training, nor with ``park_intermediates``. Costs one layer's forward temporaries in a memory pool of
-            their own (``layer_graphs.graph_pool_bytes()``). Also settable later on the handle.
+        cuda_graphs: on CUDA, capture each checkpointed layer's forward, and its recompute with backward, in CUDA
+            graphs after two eager calls with the same input signature, and replay them from then on
+            (:mod:`swiftune_kernels.layer_graphs`): the host issues one replay instead of the layer's hundreds of
+            launches. Not for layers with dropout while training or hooks on their submodules, nor with
+            ``park_intermediates``. One layer's temporaries then live in a memory pool of their own
+            (``layer_graphs.graph_pool_bytes()``). Off by default (docs/BENCHMARKS.md). Also settable later on the
+            handle.
 
     Returns:
         A handle whose ``revert()`` restores every original forward.
@@ -622,7 +649,7 @@ def apply_offloaded_checkpointing(
     for layer in layers:
         previous = layer.__dict__.get("forward")  # accelerate and others set an instance forward too
         wrapper = _CheckpointedForward(
-            layer, layer.forward, policy, preserve_rng_state, park_intermediates, graph_forward
+            layer, layer.forward, policy, preserve_rng_state, park_intermediates, cuda_graphs
         )
         layer.forward = wrapper
         entries.append((layer, wrapper, previous))

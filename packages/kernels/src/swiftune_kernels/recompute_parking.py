@@ -133,6 +133,11 @@ def parked_for_recompute(lot: ParkingLot | None) -> Iterator[None]:
             lot.release()
 
 
+def parking_in_forward() -> bool:
+    """Whether the code running now is a forward that parks intermediates (whose copies may still be reading them)."""
+    return _FORWARD_LOT.get() is not None
+
+
 def park_for_recompute(key: Hashable, tensor: torch.Tensor) -> bool:
     """In a checkpointed layer's first forward, park ``tensor`` for the layer's recompute to take back with
     :func:`take_parked` (same ``key``); True when it was parked. Do not write ``tensor`` in place afterwards: the
