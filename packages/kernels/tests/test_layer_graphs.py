@@ -329,3 +329,53 @@ def test_frozen_inputs_and_absent_output_gradients_are_replayed_right():
         assert graphed[0].lora_A.grad is None
     (wrapper,) = _wrappers(graphed)
     assert wrapper.graphs.captures == 2 and wrapper.graphs.replays == 4
+
+
+class AutocastLoRALayer(nn.Module):
+    """float32 adapters under bf16 autocast, as peft's are in training: the fused LoRA projection casts them (and
+    keeps the forward's cast for the recompute), and a plain float32 linear goes through autocast's weight cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(INTER, HIDDEN) / 8, requires_grad=False)
+        self.lora_A = nn.Parameter(torch.randn(RANK, HIDDEN) / 8)
+        self.lora_B = nn.Parameter(torch.randn(INTER, RANK) / 8)
+        self.down = nn.Linear(INTER, HIDDEN, bias=False)  # trainable float32: autocast caches its bf16 cast
+
+    def forward(self, x, table=None):
+        from swiftune_kernels import lora_linear
+
+        up = lora_linear(x, self.w.to(torch.bfloat16), self.lora_A, self.lora_B, 0.5)
+        return x + self.down(torch.nn.functional.silu(up))
+
+
+@cuda
+def test_training_steps_under_autocast_match_eager():
+    """Optimizer steps between the calls change the adapters in place: every replay must read the new values (the
+    casts inside the graphs, not casts kept from the capture)."""
+    device = torch.device("cuda")
+    stacks = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        layers = nn.ModuleList(AutocastLoRALayer() for _ in range(2)).to(device)
+        apply_offloaded_checkpointing(layers, policy="offload", cuda_graphs=graphs)
+        stacks.append((layers, torch.optim.SGD([p for p in layers.parameters() if p.requires_grad], lr=0.5)))
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    for step in range(6):
+        x = torch.randn(2, 24, HIDDEN, generator=gen).to(device, torch.bfloat16)
+        losses = []
+        for layers, optimizer in stacks:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = x
+                for layer in layers:
+                    y = layer(y)
+                loss = y.float().pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-3, rtol=1e-3, msg=f"step {step}")
+    for (eager, _), (graphed, _) in zip([stacks[0]], [stacks[1]], strict=True):
+        for p, q in zip(eager.parameters(), graphed.parameters(), strict=True):
+            torch.testing.assert_close(q, p, atol=1e-3, rtol=1e-3)
+    assert all(w.graphs.captures == 2 and w.graphs.replays == 8 for w in _wrappers(stacks[1][0]))

@@ -27,7 +27,9 @@ signature and state logic is also proven on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -157,6 +159,18 @@ def adapter_state(modules: list[nn.Module]) -> tuple:
     return tuple(state)
 
 
+@contextlib.contextmanager
+def _without_autocast_cache() -> Iterator[None]:
+    """Autocast as it is, with its cache of weight casts off: a cast served from that cache would not be captured
+    (the replays would read memory the cache gave back at the end of its step), so each graph casts for itself."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cuda", "cpu"):
+            if torch.is_autocast_enabled(device_type):
+                dtype = torch.get_autocast_dtype(device_type)
+                stack.enter_context(torch.autocast(device_type=device_type, dtype=dtype, cache_enabled=False))
+        yield
+
+
 class _Graph:
     __slots__ = ("graph", "inputs", "outputs", "output_spec")
 
@@ -176,6 +190,8 @@ class LayerGraphs:
         self._eager_calls: dict[tuple, int] = {}
         self.captures = 0  # graphs captured, and replays run (for tests and benchmarks)
         self.replays = 0
+        self.last_error: str | None = None  # why the last failed capture failed
+        self._warned = False
 
     def clear(self) -> None:
         """Drop every graph (their pool memory returns when no layer holds a graph of it)."""
@@ -233,7 +249,10 @@ class LayerGraphs:
         fresh_rng = generator.clone_state()
         try:
             # thread_local: a backward captures on autograd's device thread; other threads' calls are not its own
-            with torch.cuda.graph(graph, pool=_pool(device), stream=side, capture_error_mode="thread_local"):
+            with (
+                torch.cuda.graph(graph, pool=_pool(device), stream=side, capture_error_mode="thread_local"),
+                _without_autocast_cache(),
+            ):
                 captured_spec, captured = run(inputs[0], inputs[1:])
                 if len(captured) != len(shared_outputs) or any(
                     c.shape != o.shape or c.dtype != o.dtype for c, o in zip(captured, shared_outputs, strict=False)
@@ -242,8 +261,16 @@ class LayerGraphs:
                 for buffer, value in zip(shared_outputs, captured, strict=True):
                     buffer.copy_(value)
                 del captured  # back to the pool: the next layer's capture reuses it
-        except Exception:  # an op that cannot be captured (a host sync, a data-dependent shape): stay eager
+        except Exception as error:  # an op that cannot be captured (a host sync, a data-dependent shape): eager
             self._graphs[key] = _UNCAPTURABLE
+            self.last_error = f"{type(error).__name__}: {error}"
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"a CUDA graph of a checkpointed layer could not be captured ({self.last_error[:300]}); that "
+                    "layer runs eagerly for this input signature.",
+                    stacklevel=2,
+                )
             torch.cuda.synchronize(device)
             # A capture that fails leaves the CUDA generator's state marked as capturing (PyTorch ends that mark
             # only after a successful capture), and every later random op in the process would then raise: the

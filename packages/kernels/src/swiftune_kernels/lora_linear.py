@@ -214,6 +214,11 @@ def adapter_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     changed in between (its version counter), so that a checkpointed step casts each adapter once, not twice."""
     if t.dtype == dtype:
         return t
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        # Under CUDA graph capture (layer_graphs) nothing is kept or taken: a kept cast would be a tensor of the
+        # graph's pool (never computed by the capture itself, and reused by the next one), and a taken one would
+        # be read by every replay at an address that no longer holds it.
+        return t.to(dtype)
     if recomputing_for_backward():
         hit = _CASTS.pop(id(t), None)
         if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2].dtype == dtype:

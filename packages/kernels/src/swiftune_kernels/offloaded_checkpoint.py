@@ -284,11 +284,16 @@ def _recompute_and_grad(ctx, lot, needs, hidden_states, saved, grad_outputs) -> 
     inputs = [
         t.detach().requires_grad_(need) for t, need in zip([hidden_states, *saved], needs[:num_inputs], strict=True)
     ]
+    # Autocast's cache of weight casts is off under CUDA graph capture: a cast served from it is not captured, and
+    # the replays would read memory that the cache has long given back.
+    capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
     with torch.enable_grad():
         with contextlib.ExitStack() as stack:
             for device_type, enabled, dtype, cache in ctx.autocast:
                 stack.enter_context(
-                    torch.autocast(device_type=device_type, enabled=enabled, dtype=dtype, cache_enabled=cache)
+                    torch.autocast(
+                        device_type=device_type, enabled=enabled, dtype=dtype, cache_enabled=cache and not capturing
+                    )
                 )
             token = _RECOMPUTING_LAYER.set(plan.whole_layer)
             try:
