@@ -116,11 +116,27 @@ def test_graph_plan_changes_after_a_parameter_is_replaced():
     layers = _stack(1, "cpu")
     handle = apply_offloaded_checkpointing(layers, policy="recompute", cuda_graphs=True)
     (wrapper,) = _wrappers(layers)
-    _, before = wrapper.graph_plan()
+    _, before, _ = wrapper.graph_plan()
     layers[0].lora_A = nn.Parameter(torch.zeros(RANK, HIDDEN))
-    _, after = wrapper.graph_plan()
+    _, after, _ = wrapper.graph_plan()
     assert before != after
     handle.revert()
+
+
+def test_stand_ins_take_the_parameters_place_and_give_it_back():
+    layer = TinyLoRALayer()
+    slots = graphs_module.parameter_slots(layer)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    stand_ins = [p.detach().requires_grad_() for p in params]
+    x = torch.randn(3, HIDDEN)
+    with graphs_module.standing_in(slots, params, stand_ins):
+        assert layer.lora_A is stand_ins[0] and layer.lora_B is stand_ins[1]
+        grads = torch.autograd.grad(layer(x).sum(), stand_ins)
+    assert layer.lora_A is params[0] and layer.lora_B is params[1]
+    assert params[0].grad is None  # the gradients went to the stand-ins only
+    want = torch.autograd.grad(layer(x).sum(), params)
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g, w)
 
 
 def test_run_captures_at_the_warmup_call_then_replays(monkeypatch):

@@ -159,6 +159,36 @@ def adapter_state(modules: list[nn.Module]) -> tuple:
     return tuple(state)
 
 
+def parameter_slots(module: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Where each parameter of ``module`` is held: {id(parameter): [(owning submodule, attribute name), ...]}."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                slots.setdefault(id(param), []).append((sub, name))
+    return slots
+
+
+@contextlib.contextmanager
+def standing_in(slots: dict, params: list[torch.Tensor], stand_ins: list[torch.Tensor]) -> Iterator[None]:
+    """Let ``stand_ins`` take the place of ``params`` in their modules for a while.
+
+    A backward captured in a CUDA graph differentiates with respect to stand-ins (detached aliases of the
+    parameters, sharing their memory) made on the capture stream: the parameters' own gradient accumulators were
+    made on the default stream, and the engine's wait on that stream cannot be captured.
+    """
+    swapped = []
+    try:
+        for param, stand_in in zip(params, stand_ins, strict=True):
+            for module, name in slots[id(param)]:
+                module._parameters[name] = stand_in  # a plain dict write: no registration hook, no new walk
+                swapped.append((module, name, param))
+        yield
+    finally:
+        for module, name, param in reversed(swapped):
+            module._parameters[name] = param
+
+
 @contextlib.contextmanager
 def _without_autocast_cache() -> Iterator[None]:
     """Autocast as it is, with its cache of weight casts off: a cast served from that cache would not be captured
@@ -263,6 +293,8 @@ class LayerGraphs:
                 del captured  # back to the pool: the next layer's capture reuses it
         except Exception as error:  # an op that cannot be captured (a host sync, a data-dependent shape): eager
             self._graphs[key] = _UNCAPTURABLE
+            with contextlib.suppress(RuntimeError):  # a capture cut short may leave the pool recording it
+                torch._C._cuda_endAllocateToPool(device.index if device.index is not None else 0, _pool(device))
             self.last_error = f"{type(error).__name__}: {error}"
             if not self._warned:
                 self._warned = True

@@ -31,7 +31,9 @@ from swiftune_kernels.layer_graphs import (
     global_hooks,
     has_inner_hooks,
     lora_modules,
+    parameter_slots,
     spec_key,
+    standing_in,
 )
 from swiftune_kernels.offload_host_copy import HostCopy
 from swiftune_kernels.recompute_parking import ParkingLot, parked_for_recompute, parking_for_forward
@@ -218,7 +220,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         try:
             ctx.graph_state = None
             if plan.graphs is not None and ctx.lot is None and not torch.cuda.is_current_stream_capturing():
-                graphs, state = plan.graphs
+                graphs, state, _ = plan.graphs
                 ctx.graph_state = state = (spec_key(plan.spec), tuple(ctx.autocast), state)
                 plan.output_spec, out_tensors = graphs.run(plan.run, hidden_states, list(arg_tensors), state)
             else:
@@ -256,14 +258,17 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             state = ("backward", ctx.graph_state, needs, present)
             given = [g for g in grad_outputs if g is not None]
 
+            graphs, _, slots = plan.graphs
+
             def recompute_and_grad(h, rest):
                 given_grads = iter(rest[len(saved) :])
                 grads = [next(given_grads) if p else None for p in present]
-                result = _recompute_and_grad(ctx, lot, needs, h, rest[: len(saved)], grads)
+                stand_ins = [p.detach().requires_grad_(p.requires_grad) for p in plan.params]
+                with standing_in(slots, plan.params, stand_ins):
+                    result = _recompute_and_grad(ctx, lot, needs, h, rest[: len(saved)], grads, stand_ins)
                 found: list[torch.Tensor] = []
                 return [None if r is None else _flatten(r, found) for r in result], found
 
-            graphs, _ = plan.graphs
             spec, found = graphs.run(recompute_and_grad, hidden_states, [*saved, *given], state)
             return (None, *(None if r is None else _fill(r, found) for r in spec))
         device = hidden_states.device
@@ -277,9 +282,11 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         return (None, *result)
 
 
-def _recompute_and_grad(ctx, lot, needs, hidden_states, saved, grad_outputs) -> list[torch.Tensor | None]:
-    """The gradients of a checkpointed layer's inputs (those in ``needs``, else None), from its recompute."""
+def _recompute_and_grad(ctx, lot, needs, hidden_states, saved, grad_outputs, params=None) -> list:
+    """The gradients of a checkpointed layer's inputs (those in ``needs``, else None), from its recompute; with
+    respect to ``params`` in place of the plan's parameters when given (stand-ins, layer_graphs)."""
     plan = ctx.plan
+    params = plan.params if params is None else params
     num_inputs = 1 + len(saved)
     inputs = [
         t.detach().requires_grad_(need) for t, need in zip([hidden_states, *saved], needs[:num_inputs], strict=True)
@@ -308,8 +315,8 @@ def _recompute_and_grad(ctx, lot, needs, hidden_states, saved, grad_outputs) -> 
             )
         pairs = [(o, g) for o, g in zip(out_tensors, grad_outputs, strict=True) if g is not None and o.requires_grad]
         outputs, grads = [o for o, _ in pairs], [g for _, g in pairs]
-        if plan.params is not None:
-            wrt = [t for t, need in zip([*inputs, *plan.params], needs, strict=True) if need]
+        if params is not None:
+            wrt = [t for t, need in zip([*inputs, *params], needs, strict=True) if need]
             found = iter(torch.autograd.grad(outputs, wrt, grads, allow_unused=True) if outputs else [None] * len(wrt))
             return [next(found) if need else None for need in needs]
         # layer_fn may close over parameters we cannot see: accumulate into every leaf, as reentrant
@@ -457,7 +464,7 @@ class _CheckpointedForward:
         self.park = park  # an offloaded layer's forward parks intermediates for its recompute (recompute_parking)
         self.graphs = LayerGraphs() if cuda_graphs else None  # forward and backward replayed (layer_graphs)
         self._parameters_seen: tuple[int, list[nn.Parameter]] | None = None
-        self._graph_seen: tuple[tuple[int, bool], list[nn.Module] | None] | None = None
+        self._graph_seen: tuple[tuple[int, bool], tuple[list[nn.Module], dict] | None] | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The layer's parameters that require grad now. The walk over its modules (hundreds with peft's wrappers, a
@@ -469,8 +476,9 @@ class _CheckpointedForward:
             self._parameters_seen = (generation, list(self.parameters()))
         return [p for p in self._parameters_seen[1] if p.requires_grad]
 
-    def graph_plan(self) -> tuple[LayerGraphs, tuple] | None:
-        """(the layer's graphs, the state its graphs depend on), or None when its forward must run eagerly.
+    def graph_plan(self) -> tuple[LayerGraphs, tuple, dict] | None:
+        """(the layer's graphs, the state its graphs depend on, where its parameters are held), or None when the
+        layer must run eagerly.
 
         A layer that draws random numbers (dropout while training) or has hooks on its submodules is never
         captured. The walk for that and for the LoRA modules is redone only after a registration inside the layer
@@ -485,11 +493,11 @@ class _CheckpointedForward:
             _WATCHED.update(self.modules())
             owner = next(iter(self.modules()))
             eager = draws_random_numbers(owner) or has_inner_hooks(owner)
-            self._graph_seen = (seen, None if eager else lora_modules(owner))
-        modules = self._graph_seen[1]
-        if modules is None:
+            self._graph_seen = (seen, None if eager else (lora_modules(owner), parameter_slots(owner)))
+        if self._graph_seen[1] is None:
             return None
-        return self.graphs, (seen, adapter_state(modules))
+        modules, slots = self._graph_seen[1]
+        return self.graphs, (seen, adapter_state(modules)), slots
 
     def set_mode(self, mode: str) -> None:
         """``"none"`` (keep activations), or checkpoint with ``"auto"``, ``"offload"`` or ``"recompute"``."""
