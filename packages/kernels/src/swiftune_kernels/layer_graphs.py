@@ -15,9 +15,10 @@ layer whose forward was replayed, so the same rules hold for both):
   signature: replays run one after another on one stream, so one layer's temporaries (the larger of its forward's
   and its backward's) are all the pool holds, and the backward's temporaries no longer come from the allocator
   beside it. Inputs are copied into the shared buffers before a replay and the outputs are cloned out after it.
-- A signature that fails to capture (a host sync inside the layer, an op that cannot be captured) runs eagerly from
-  then on. Layers whose modules draw random numbers (dropout with p > 0 while training), or whose submodules have
-  forward hooks (a replay would skip them), are never captured; nor while global module hooks exist.
+- A capture that fails (a host sync inside the layer, an op that cannot be captured) leaves that layer eager and
+  stops all further captures in the process, with a warning. Layers whose modules draw random numbers (dropout with
+  p > 0 while training), or whose submodules have forward hooks (a replay would skip them), are never captured;
+  nor while global module hooks exist.
 
 The pool is device memory that only these graphs use, beyond what the step allocates otherwise:
 :func:`graph_pool_bytes` reports it, and a peak memory measured with ``torch.cuda.max_memory_allocated`` must add
@@ -41,6 +42,10 @@ WARMUP_CALLS = 2
 MAX_GRAPHS_PER_LAYER = 4
 
 _UNCAPTURABLE = object()
+# Set by the first capture that fails: from then on no graph is captured in the process (graphs captured before keep
+# replaying). After a failed capture PyTorch's capture state is not reliably whole again (on the H100, later
+# captures of other layers failed or replayed wrong values in tests), so the layers stay eager instead.
+_CAPTURE = {"failed": False}
 # Per device: the memory pool and the capture stream every layer's graphs share; the shared input / output buffers.
 _POOLS: dict[int, tuple] = {}
 _STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -243,7 +248,8 @@ class LayerGraphs:
         if isinstance(entry, _Graph):
             return self._replay(entry, tensors)
         calls = self._eager_calls.get(key, 0) + 1
-        if entry is _UNCAPTURABLE or calls < self.warmup or len(self._graphs) >= self.max_graphs:
+        full = len(self._graphs) >= self.max_graphs
+        if entry is _UNCAPTURABLE or calls < self.warmup or full or _CAPTURE["failed"]:
             self._eager_calls[key] = calls
             return run(hidden_states, arg_tensors)
         return self._capture(run, key, tensors)
@@ -293,14 +299,15 @@ class LayerGraphs:
                 del captured  # back to the pool: the next layer's capture reuses it
         except Exception as error:  # an op that cannot be captured (a host sync, a data-dependent shape): eager
             self._graphs[key] = _UNCAPTURABLE
+            _CAPTURE["failed"] = True
             with contextlib.suppress(RuntimeError):  # a capture cut short may leave the pool recording it
                 torch._C._cuda_endAllocateToPool(device.index if device.index is not None else 0, _pool(device))
             self.last_error = f"{type(error).__name__}: {error}"
             if not self._warned:
                 self._warned = True
                 warnings.warn(
-                    f"a CUDA graph of a checkpointed layer could not be captured ({self.last_error[:300]}); that "
-                    "layer runs eagerly for this input signature.",
+                    f"a CUDA graph of a checkpointed layer could not be captured ({self.last_error[:300]}); no "
+                    "further layer graphs are captured in this process (those captured before keep replaying).",
                     stacklevel=2,
                 )
             torch.cuda.synchronize(device)
