@@ -300,7 +300,7 @@ class LayerGraphs:
         except Exception as error:  # an op that cannot be captured (a host sync, a data-dependent shape): eager
             self._graphs[key] = _UNCAPTURABLE
             _CAPTURE["failed"] = True
-            with contextlib.suppress(RuntimeError):  # a capture cut short may leave the pool recording it
+            with contextlib.suppress(Exception):  # a capture cut short may leave the pool recording it
                 torch._C._cuda_endAllocateToPool(device.index if device.index is not None else 0, _pool(device))
             self.last_error = f"{type(error).__name__}: {error}"
             if not self._warned:

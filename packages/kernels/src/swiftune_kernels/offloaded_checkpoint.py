@@ -164,7 +164,8 @@ class _Plan:
         graphs=None,
     ) -> None:
         self.run_function = run_function
-        # (LayerGraphs, the layer's state that a graph depends on) when the forward may be replayed from a graph
+        # (LayerGraphs, the layer's state its graphs depend on, where its parameters are held) when the layer may
+        # be replayed from graphs (layer_graphs)
         self.graphs = graphs
         self.whole_layer = whole_layer  # a decoder layer wrapped per layer: recomputing_for_backward() holds
         self.park = park  # its forward may park intermediates for its recompute (recompute_parking)
