@@ -217,10 +217,13 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.lot = ParkingLot() if ctx.offloaded and plan.whole_layer and plan.park else None
         if ctx.lot is not None:
             ctx.host_copy.followers.append(ctx.lot)
-        token = _CHECKPOINTED_FORWARD.set(plan.whole_layer)
+        graphed = plan.graphs is not None and ctx.lot is None and not torch.cuda.is_current_stream_capturing()
+        # Through the layer graphs the forward keeps nothing for its recompute (adapter casts, lora_linear): the
+        # recompute differentiates with respect to stand-ins of the parameters and would never take it.
+        token = _CHECKPOINTED_FORWARD.set(plan.whole_layer and not graphed)
         try:
             ctx.graph_state = None
-            if plan.graphs is not None and ctx.lot is None and not torch.cuda.is_current_stream_capturing():
+            if graphed:
                 graphs, state, _ = plan.graphs
                 ctx.graph_state = state = (spec_key(plan.spec), tuple(ctx.autocast), state)
                 plan.output_spec, out_tensors = graphs.run(plan.run, hidden_states, list(arg_tensors), state)
@@ -253,8 +256,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         lot, ctx.lot = ctx.lot, None  # what the forward parked for this recompute (recompute_parking)
         needs = ctx.needs_input_grad[1:]  # hidden_states, argument tensors, then parameters
         if ctx.graph_state is not None and plan.params is not None and not torch.cuda.is_current_stream_capturing():
-            # The forward was replayed from a graph (so nothing in the layer draws random numbers): the recompute
-            # and backward are captured and replayed the same way, in the same pool (layer_graphs).
+            # The forward went through the layer graphs (so nothing in the layer draws random numbers): the
+            # recompute and backward do too, captured after the same warm-up, in the same pool (layer_graphs).
             present = tuple(g is not None for g in grad_outputs)
             state = ("backward", ctx.graph_state, needs, present)
             given = [g for g in grad_outputs if g is not None]
