@@ -341,7 +341,8 @@ def test_revert_restores_forward():
     layers[1].forward = lambda hidden_states: hidden_states * 2  # an earlier instance patch (accelerate-style)
     earlier = layers[1].__dict__["forward"]
     handle = apply_offloaded_checkpointing(layers)
-    assert all(isinstance(layer.__dict__["forward"], op._CheckpointedForward) for layer in layers)
+    wrapper_type = importlib.import_module("swiftune_kernels.layer_checkpointing")._CheckpointedForward
+    assert all(isinstance(layer.__dict__["forward"], wrapper_type) for layer in layers)
     assert handle.layers == list(layers)
     with pytest.raises(ValueError, match="already has offloaded checkpointing"):
         apply_offloaded_checkpointing(layers)

@@ -19,6 +19,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from swiftune_kernels.cross_entropy import CrossEntropyFunction, cross_entropy
 from swiftune_kernels.fused_linear_cross_entropy import FusedLinearCrossEntropyFunction, fused_linear_cross_entropy
 from swiftune_kernels.gated_activation import GatedActivationFunction, gated_activation, geglu, swiglu
+from swiftune_kernels.layer_checkpointing import apply_offloaded_checkpointing
 from swiftune_kernels.layer_norm import LayerNormFunction, layer_norm
 from swiftune_kernels.lora_linear import LoRALinearFunction, lora_linear
 from swiftune_kernels.lora_mlp import LoRAMLPFunction, lora_mlp
@@ -26,7 +27,6 @@ from swiftune_kernels.lora_qkv import LoRAQKVFunction, lora_qkv
 from swiftune_kernels.nf4 import dequantize_nf4
 from swiftune_kernels.offloaded_checkpoint import (
     OffloadedCheckpointFunction,
-    apply_offloaded_checkpointing,
     offloaded_checkpoint,
     recomputing_for_backward,
 )
