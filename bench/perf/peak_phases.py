@@ -23,7 +23,7 @@ def main() -> None:
     import train_one
 
     parser = idle_profile.step_arguments(__doc__)
-    parser.add_argument("--graphs", action="store_true", help="checkpointed forwards replayed from CUDA graphs")
+    parser.add_argument("--graphs", action="store_true", help="checkpointed layers replayed from CUDA graphs")
     args = parser.parse_args()
     train_one.CHECKPOINTING["graphs"] = args.graphs
     model, loss_of, optimizer, batch = idle_profile.setup(args)

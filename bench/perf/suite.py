@@ -17,7 +17,7 @@ attn8b: swiftune 8B QLoRA (ckpt=0.6) with cuDNN attention and with it off (flash
 park8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 without and with the MLP's gate and up parked on the host for
        the recompute (--park gate,up), alternating, three of each.
 gate8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 with nothing, gate only, and gate and up parked, twice, in turn.
-graph8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 with the checkpointed forwards eager and replayed from CUDA graphs.
+graph8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 with the checkpointed layers eager and replayed from CUDA graphs.
 ab1b, ab8b: swiftune's recompute with and without the down-projection skip, and memory-aware budgets near unsloth's
        peak: 1B LoRA batch 8, 8B QLoRA batch 2.
 ctx:   swiftune 8B QLoRA, batch 1: the longest sequence that trains (409,600 first, then up or down), 512k max.
@@ -100,7 +100,7 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
             for _ in range(2)
             for park in ("", "gate", "gate,up")
         ],
-        # checkpointed forwards replayed from CUDA graphs, against eager, in turn
+        # checkpointed layers (forward, recompute and backward) replayed from CUDA graphs, against eager, in turn
         "graph8b": [{**eight_q, "system": "unsloth", "limit": 280}]
         + [
             {**eight_q, "system": "swiftune", "checkpointing": ckpt, **({"graphs": True} if graphs else {})}

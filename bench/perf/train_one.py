@@ -315,7 +315,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", default=None, help="swiftune: auto, true, offload or a GiB budget")
     parser.add_argument("--no-recompute-skip", action="store_true", help="swiftune: recompute the down projection")
     parser.add_argument("--park", default="", help="swiftune: park these MLP projections for the recompute (gate,up)")
-    parser.add_argument("--graphs", action="store_true", help="swiftune: checkpointed forwards from CUDA graphs")
+    parser.add_argument("--graphs", action="store_true", help="swiftune: checkpointed layers from CUDA graphs")
     parser.add_argument(
         "--no-cudnn-attention", action="store_true", help="turn PyTorch's cuDNN attention off (sdpa then uses flash)"
     )
