@@ -196,12 +196,13 @@ def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, 
         losses.append(float(loss))
         if step >= warmup:
             times.append(time.perf_counter() - start)
+    pool = _graph_pool_bytes() if cuda else 0
     out = {
         "step_s": statistics.median(times) if times else None,
         "step_s_all": [round(t, 4) for t in times],
         # plus the pool of swiftune's layer graphs, whose temporaries the allocated count no longer holds
-        "peak_gib": round((torch.cuda.max_memory_allocated() + _graph_pool_bytes()) / 2**30, 2) if cuda else None,
-        "graph_pool_gib": round(_graph_pool_bytes() / 2**30, 3) if cuda else None,
+        "peak_gib": round((torch.cuda.max_memory_allocated() + pool) / 2**30, 2) if cuda else None,
+        "graph_pool_gib": round(pool / 2**30, 3) if cuda else None,
         "losses": [round(x, 5) for x in losses],
         "first_loss": round(losses[0], 5),
     }

@@ -82,7 +82,7 @@ def _steps(layers, steps, tokens=8):
 
 def test_spec_key_counts_plain_values_by_value_and_objects_by_identity():
     slot = checkpoint_module._Slot
-    key = graphs_module.spec_key
+    key = checkpoint_module.spec_key
     assert key(((slot(0),), {"use_cache": False, "n": 3})) == key(((slot(0),), {"use_cache": False, "n": 3}))
     assert key(((slot(0),), {"n": 3})) != key(((slot(1),), {"n": 3}))
     assert key({"n": 3}) != key({"n": 4})

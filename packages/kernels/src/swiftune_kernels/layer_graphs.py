@@ -94,23 +94,6 @@ def _buffer(role: str, index: int, like: tuple[torch.Size, torch.dtype, torch.de
     return buffer
 
 
-def spec_key(spec: Any) -> Any:
-    """A hashable stand-in for the non-tensor structure of a layer's arguments (tensors are numbered slots there).
-
-    Plain values count by value; any other object by identity, so that an object made anew on every call (whose
-    meaning the graph cannot know) never reaches a capture.
-    """
-    if spec is None or isinstance(spec, (bool, int, float, str, torch.dtype, torch.device)):
-        return spec
-    if isinstance(spec, (tuple, list)):
-        return (type(spec).__name__, *(spec_key(item) for item in spec))
-    if type(spec) is dict:
-        return ("dict", *((key, spec_key(value)) for key, value in spec.items()))
-    if type(spec).__name__ == "_Slot":
-        return ("slot", spec.index)
-    return ("object", id(spec))
-
-
 def tensor_signature(tensors: list[torch.Tensor]) -> tuple:
     """Shapes, dtypes, strides and devices of ``tensors``: what a captured graph's kernels were specialized on."""
     return tuple((t.shape, t.dtype, t.stride(), t.device) for t in tensors)

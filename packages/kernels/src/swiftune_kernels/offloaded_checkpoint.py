@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from swiftune_kernels.layer_graphs import spec_key, standing_in
+from swiftune_kernels.layer_graphs import standing_in
 from swiftune_kernels.offload_host_copy import HostCopy
 from swiftune_kernels.recompute_parking import ParkingLot, parked_for_recompute, parking_for_forward
 
@@ -124,6 +124,23 @@ def _fill(spec: Any, tensors: list[torch.Tensor]) -> Any:
     if type(spec) is dict:
         return {key: _fill(value, tensors) for key, value in spec.items()}
     return spec
+
+
+def spec_key(spec: Any) -> Any:
+    """A hashable stand-in for a spec of :func:`_flatten` (the layer graphs' signature of the non-tensor arguments).
+
+    Plain values count by value, slots by index; any other object by identity, so that an object made anew on every
+    call (whose meaning a graph cannot know) never reaches a capture.
+    """
+    if spec is None or isinstance(spec, (bool, int, float, str, torch.dtype, torch.device)):
+        return spec
+    if isinstance(spec, _Slot):
+        return ("slot", spec.index)
+    if isinstance(spec, (tuple, list)):
+        return (type(spec).__name__, *(spec_key(item) for item in spec))
+    if type(spec) is dict:
+        return ("dict", *((key, spec_key(value)) for key, value in spec.items()))
+    return ("object", id(spec))
 
 
 def _rebuild(like: tuple | list, items: list) -> tuple | list:
