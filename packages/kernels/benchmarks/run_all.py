@@ -24,6 +24,7 @@ BENCHMARKS = [
     ("bench_cross_entropy.py", ["--shapes", "8192x128256,8192x256000"]),
     ("bench_fused_linear_cross_entropy.py", ["--shapes", "8192x4096x128256"]),
     ("bench_nf4.py", []),
+    ("bench_host_embedding.py", []),
     ("bench_lora.py", []),
     # An 8B LoRA's 32 frozen layers on a 24 GiB budget: crossover, and how long a sequence each mode reaches.
     (

@@ -19,6 +19,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from swiftune_kernels.cross_entropy import CrossEntropyFunction, cross_entropy
 from swiftune_kernels.fused_linear_cross_entropy import FusedLinearCrossEntropyFunction, fused_linear_cross_entropy
 from swiftune_kernels.gated_activation import GatedActivationFunction, gated_activation, geglu, swiglu
+from swiftune_kernels.host_embedding import host_embedding, pin_table
 from swiftune_kernels.layer_checkpointing import apply_offloaded_checkpointing
 from swiftune_kernels.layer_norm import LayerNormFunction, layer_norm
 from swiftune_kernels.lora_linear import LoRALinearFunction, lora_linear
@@ -55,6 +56,8 @@ __all__ = [
     "apply_offloaded_checkpointing",
     "recomputing_for_backward",
     "dequantize_nf4",
+    "host_embedding",
+    "pin_table",
     "LoRALinearFunction",
     "lora_linear",
     "LoRAQKVFunction",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from swiftune_kernels.host_embedding import host_embedding, pin_table
 from swiftune_kernels.layer_norm import layer_norm
 from swiftune_kernels.rms_norm import CASTINGS, rms_norm
 
@@ -83,3 +84,63 @@ class LayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}, bias={self.bias is not None}"
+
+
+class HostEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` whose table stays in page-locked host memory; lookups return rows on ``device``.
+
+    The table is a persistent buffer named ``weight``, so state_dicts keep ``embed_tokens.weight``, and it is not
+    a parameter: ``model.parameters()`` (and with it transformers' ``model.device``) sees only what is on the GPU.
+    See :func:`swiftune_kernels.host_embedding.host_embedding`.
+
+    Args:
+        weight: ``(V, H)`` table to copy to the host (frozen).
+        device: where the looked-up rows go (the decoder's device).
+        padding_idx: kept for ``nn.Embedding``'s interface; a frozen table needs nothing else from it.
+    """
+
+    def __init__(self, weight: torch.Tensor, device: torch.device | str, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx = padding_idx
+        self.device = torch.device(device)
+        self.register_buffer("weight", pin_table(weight))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> HostEmbedding:
+        """The host-memory twin of ``embedding`` (frozen, not scaled, no max_norm); rows go to its device."""
+        if embedding.max_norm is not None:
+            raise ValueError("an embedding with max_norm rewrites its table on lookup; it cannot be kept frozen.")
+        if embedding.weight.requires_grad:
+            raise ValueError(
+                "this embedding is trained (requires_grad); only frozen embeddings can live in host memory. Freeze "
+                "it, or keep it on the GPU."
+            )
+        return cls(embedding.weight, embedding.weight.device, embedding.padding_idx)
+
+    def to_embedding(self) -> nn.Embedding:
+        """A plain frozen ``nn.Embedding`` on :attr:`device` with the same table."""
+        embedding = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            padding_idx=self.padding_idx,
+            device=self.device,
+            dtype=self.weight.dtype,
+        )
+        embedding.weight.data.copy_(self.weight)
+        return embedding.requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return host_embedding(ids.to(self.device), self.weight)
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(device) / .cuda() / .half() must not pull the table back onto the GPU (that would undo the
+        # point); they move where the rows go, and a dtype change converts the host table.
+        probe = fn(torch.empty(0, device=self.device, dtype=self.weight.dtype))
+        self.device = probe.device
+        if probe.dtype != self.weight.dtype:
+            self.weight = pin_table(self.weight.to(probe.dtype))
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, table in host memory, rows to {self.device}"
