@@ -56,6 +56,19 @@ def enable_checkpointing(model, mode) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def replay_from_cuda_graphs(model) -> None:
+    """Replay the checkpointed decoder layers of ``model`` (forward, and recompute with backward) from CUDA graphs
+    (:mod:`swiftune_kernels.layer_graphs`): the host issues one replay a layer instead of hundreds of launches, so a
+    step no longer waits for the host. Needs swiftune's checkpointing ("offload", "auto" or a GiB budget)."""
+    handle = model.__dict__.get("_swiftune_offload")
+    if handle is None:
+        raise ValueError(
+            'cuda_graphs replays swiftune\'s checkpointed layers; use use_gradient_checkpointing="offload", '
+            '"auto" or a GiB budget with it (True and False do not checkpoint through swiftune).'
+        )
+    getattr(handle, "handle", handle).cuda_graphs = True
+
+
 def disable_checkpointing(model):
     """Turn off whichever checkpointing is on; returns the mode that was on (True, "offload" or False)."""
     offload = model.__dict__.pop("_swiftune_offload", None)

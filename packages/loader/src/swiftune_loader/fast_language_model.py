@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from swiftune_loader.checkpointing import enable_checkpointing
+from swiftune_loader.checkpointing import enable_checkpointing, replay_from_cuda_graphs
+from swiftune_loader.embedding_offload import offload_input_embeddings
 from swiftune_loader.inference_mode import enter_inference, enter_training
 from swiftune_loader.loading_options import (
     apply_tokenizer_fix,
@@ -158,6 +159,8 @@ class FastLanguageModel:
         modules_to_save: list[str] | None = None,
         init_lora_weights: bool | str = True,
         layers_to_transform: list[int] | None = None,
+        offload_embeddings: bool = False,
+        cuda_graphs: bool = False,
         **kwargs,
     ):
         """Wrap ``model`` with LoRA adapters (a peft ``PeftModel``); only the adapters are trained.
@@ -181,6 +184,14 @@ class FastLanguageModel:
             modules_to_save: extra modules trained in full and saved with the adapter (e.g. ["lm_head"]).
             init_lora_weights: peft's initialisation choice.
             layers_to_transform: only adapt these layer indices.
+            offload_embeddings: keep the frozen input embedding in page-locked host memory; the GPU reads only
+                each batch's rows from there (:mod:`swiftune_loader.embedding_offload`). Frees ~1 GB of GPU memory
+                at a 128k vocabulary, with identical outputs. Needs an embedding that is not tied to the LM head
+                and not trained (not in ``modules_to_save``).
+            cuda_graphs: replay each checkpointed decoder layer from CUDA graphs once its input shapes repeat
+                (:mod:`swiftune_kernels.layer_graphs`), so that a step does not wait on the host. Costs one layer's
+                backward working set, held apart (~0.9 GiB at Llama-8B, batch 2 x 2048); layers with dropout or
+                hooks stay eager. Needs swiftune's checkpointing ("offload", "auto" or a GiB budget).
             **kwargs: passed on to peft's ``LoraConfig`` (e.g. use_dora=True).
 
         Returns:
@@ -207,6 +218,11 @@ class FastLanguageModel:
             else use_gradient_checkpointing
         )
         check_gradient_checkpointing(checkpointing)
+        if cuda_graphs and checkpointing in (True, False):
+            raise ValueError(
+                f"cuda_graphs replays swiftune's checkpointed layers, and use_gradient_checkpointing={checkpointing!r}"
+                ' does not use them; pass "offload", "auto" or a GiB budget.'
+            )
         check_target_modules(model, target_modules)
         log_fused_lora_fallback(model, float(lora_dropout), bool(kwargs.get("use_dora", False)))
         torch.manual_seed(random_state)
@@ -216,7 +232,14 @@ class FastLanguageModel:
             # offloaded bytes) and a float32 fused loss. Our kernels already compute norms and the loss in float32.
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
-        enable_checkpointing(model, checkpointing)
+        if offload_embeddings:
+            if kwargs.get("trainable_token_indices"):
+                raise ValueError("trainable_token_indices trains embedding rows; leave offload_embeddings off.")
+            # Frozen first, as peft freezes every base weight that is not in modules_to_save.
+            offload_input_embeddings(model, trained_modules=modules_to_save, freeze=True)
+        enable_checkpointing(model, checkpointing)  # after the offload: an "auto" plan sees the memory it frees
+        if cuda_graphs:
+            replay_from_cuda_graphs(model)
         config = LoraConfig(
             r=r,
             lora_alpha=lora_alpha,
