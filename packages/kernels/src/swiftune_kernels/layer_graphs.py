@@ -21,9 +21,9 @@ layer whose forward was replayed, so the same rules hold for both):
   nor while global module hooks exist.
 
 The pool is device memory that only these graphs use, beyond what the step allocates otherwise:
-:func:`graph_pool_bytes` reports it, and a peak memory measured with ``torch.cuda.max_memory_allocated`` must add
-it. No Triton kernel: this is capture and caching plumbing, proven on a GPU (tests/test_layer_graphs.py); the
-signature and state logic is also proven on the CPU.
+:func:`graph_pool_bytes` reports the part of it that ``torch.cuda.max_memory_allocated`` does not count, and a peak
+measured that way must add it. No Triton kernel: this is capture and caching plumbing, proven on a GPU
+(tests/test_layer_graphs.py); the signature and state logic is also proven on the CPU.
 """
 
 from __future__ import annotations
@@ -67,16 +67,22 @@ def _stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def graph_pool_bytes() -> int:
-    """Device memory reserved by the shared pools of the layer graphs (all devices), plus their shared buffers."""
+    """Device memory that the shared pools of the layer graphs hold apart (all devices) and that
+    ``torch.cuda.memory_allocated`` does not count: the pools' free blocks, the graphs' temporaries between replays.
+
+    The pools' blocks in use (what the graphs keep between replays) and the shared buffers are allocations like any
+    other, already counted there; a peak from ``torch.cuda.max_memory_allocated`` plus this is what the step holds.
+    """
     if not _POOLS:
         return 0
     pools = set(_POOLS.values())
-    total = sum(
-        segment["total_size"]
+    return sum(
+        block["size"]
         for segment in torch.cuda.memory._snapshot()["segments"]
         if tuple(segment.get("segment_pool_id", ())) in pools
+        for block in segment["blocks"]
+        if not block["state"].startswith("active")
     )
-    return total + sum(buffer.untyped_storage().nbytes() for buffer in _BUFFERS.values())
 
 
 def release_graphs_memory() -> None:

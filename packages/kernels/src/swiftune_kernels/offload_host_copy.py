@@ -15,6 +15,7 @@ same pieces, so that the tests prove the logic there.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import warnings
@@ -86,6 +87,11 @@ _LOCK = threading.RLock()
 # Host copies not yet fetched back, in forward order. Weak, so a graph freed without backward leaks nothing.
 _PENDING: list[weakref.ref[HostCopy]] = []
 _STREAMS: dict[tuple[int, str], torch.cuda.Stream] = {}
+# Device sources of layer-input copies still held, oldest first, as [source, download event] (HostCopy._hold_source).
+# Not the copies themselves: a copy dropped without its backward must free its host pieces at once.
+_HELD: collections.deque[list] = collections.deque()
+# How many such sources stay held while their copies run: the newest layer's.
+HELD_SOURCES = 1
 
 
 def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
@@ -180,6 +186,21 @@ def _newest_on(refs: list[weakref.ref[HostCopy]], device: torch.device) -> HostC
     return next((c for ref in reversed(refs) if (c := ref()) is not None and c.device == device), None)
 
 
+def _release_finished_sources() -> None:
+    """Release the held sources whose downloads the host sees done (no stream needs to wait for those)."""
+    with _LOCK:
+        while _HELD and (_HELD[0][0] is None or _HELD[0][1].query()):
+            _HELD.popleft()[0] = None
+
+
+def _release_source(held: list) -> None:
+    """Release one held source: the current stream waits for its download first (a no-op if it is released)."""
+    source, stored = held
+    if source is not None:
+        torch.cuda.current_stream(source.device).wait_event(stored)
+        held[0] = None
+
+
 class HostCopy:
     """One layer input parked in CPU memory (pinned where CUDA runs), in power-of-two pieces
     (:func:`host_piece_sizes`), with the events that order its download and upload."""
@@ -212,6 +233,7 @@ class HostCopy:
         self.stored: torch.cuda.Event | None = None
         self.restored: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
+        self._held: list = [None, None]  # [device source still held, its download event] (_hold_source)
         # Objects with a prefetch() (a recompute_parking.ParkingLot) whose uploads start right after this one's.
         self.followers: list = []
         # The CPU takes the same pieces, unpinned, so that its tests prove the split and the reassembly.
@@ -229,10 +251,9 @@ class HostCopy:
             download.wait_stream(main)  # the kernel that produced the input may still be running
             with torch.cuda.stream(download):
                 self._copy_pieces(source, to_host=True)
-            # The caller drops the input next; its block must not be handed out again before the copy has read it.
-            source.record_stream(download)
             self.stored = torch.cuda.Event()
             self.stored.record(download)
+            self._hold_source(source) if register else source.record_stream(download)
         else:
             # CPU: the input is released exactly as on the GPU (the pieces own new storage) and the tests see it.
             self._copy_pieces(_byte_view(tensor), to_host=True)
@@ -240,6 +261,24 @@ class HostCopy:
             with _LOCK:
                 _PENDING[:] = [ref for ref in _PENDING if ref() is not None]
                 _PENDING.append(weakref.ref(self))
+
+    def _hold_source(self, source: torch.Tensor) -> None:
+        """Keep ``source`` (the input's bytes) until its block can go back to the allocator safely.
+
+        The caller drops the input next, and its block must not be handed out again before the download has read
+        it. ``record_stream`` would ensure that, but it frees the block only once the host sees the copy done; a
+        host that runs layers ahead of the device (a step replayed from CUDA graphs issues its forward in a fifth
+        of the device's time) then holds every layer's input at once: 26 x 32 MiB at the 8B step's peak. Instead,
+        a source is released as soon as the host sees its copy done, or when the next layer's copy starts: then
+        the main stream waits for it (on the device's clock it ended during this layer's compute) and the block
+        goes back to its pool in stream order, reusable at once.
+        """
+        self._held = [source, self.stored]
+        with _LOCK:
+            _release_finished_sources()
+            _HELD.append(self._held)
+            while len(_HELD) > HELD_SOURCES:
+                _release_source(_HELD.popleft())
 
     @property
     def host_bytes(self) -> int:
@@ -297,6 +336,8 @@ class HostCopy:
             _PENDING[:] = live
         if previous is not None:
             previous.prefetch()
+        _release_source(self._held)
+        _release_finished_sources()
         if self.ready is not None:
             main = torch.cuda.current_stream(self.device)
             main.wait_event(self.ready)
@@ -318,6 +359,7 @@ class HostCopy:
 
     def discard(self) -> None:
         """Free the host copy without bringing it back (a pending upload keeps its buffers until it is done)."""
+        _release_source(self._held)
         self.restored, self.host = None, None
         self._release()
 
