@@ -149,7 +149,11 @@ def setup(args) -> tuple:
     from common import model_folder, optimizer_for, random_batch
 
     train_one.CHECKPOINTING.update(
-        mode=train_one._checkpoint_mode(args.checkpointing), no_skip=False, park=train_one._park_projections(args.park)
+        mode=train_one._checkpoint_mode(args.checkpointing),
+        no_skip=False,
+        park=train_one._park_projections(args.park),
+        graphs=args.graphs,
+        offload_embeddings=args.offload_embeddings,
     )
     folder = model_folder(args.shape, os.environ.get("SWIFTUNE_BENCH_MODELS", "/tmp/swiftune-bench-models"))
     model, loss_of = train_one.build(args.system, folder, args.quant == "nf4", 131072)
@@ -159,7 +163,8 @@ def setup(args) -> tuple:
 
 
 def step_arguments(description: str) -> argparse.ArgumentParser:
-    """A parser with the options of :func:`setup`: system, shape, quantization, BATCHxSEQ point, checkpointing."""
+    """A parser with the options of :func:`setup`: system, shape, quantization, BATCHxSEQ point, checkpointing
+    (budget, parking, graphs)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--system", default="swiftune")
     parser.add_argument("--shape", default="8b")
@@ -167,6 +172,8 @@ def step_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--point", default="2x2048")
     parser.add_argument("--checkpointing", default=None, help="swiftune: auto, true, offload or a GiB budget")
     parser.add_argument("--park", default="", help="swiftune: park these MLP projections for the recompute (gate,up)")
+    parser.add_argument("--graphs", action="store_true", help="swiftune: checkpointed layers replayed from CUDA graphs")
+    parser.add_argument("--offload-embeddings", action="store_true", help="the input embedding in host memory")
     return parser
 
 
@@ -194,13 +201,13 @@ def main() -> None:
     path.unlink()  # large; the summary is what comes back
     per_step = phases.pop("per_step")
     result = {"system": args.system, "shape": args.shape, "quant": args.quant, "point": args.point}
-    result.update(checkpointing=args.checkpointing, park=args.park)
+    result.update(checkpointing=args.checkpointing, park=args.park, graphs=args.graphs)
     result.update(issue_ms=round(issue * 1e3, 1), wall_ms=round(wall * 1e3, 1), **phases, **gaps, gap_pairs=pairs)
     result["per_step"] = per_step
     print("RESULT " + json.dumps(result), flush=True)
     print(
         f"{args.system} {args.shape} {args.quant} {args.point} ckpt={args.checkpointing}"
-        f" park={args.park or 'none'}: wall {wall * 1e3:.1f} ms,"
+        f" park={args.park or 'none'}{' graphs' if args.graphs else ''}: wall {wall * 1e3:.1f} ms,"
         f" CPU issue {issue * 1e3:.1f} ms;"
         f" compute stream busy {gaps['busy_ms']:.1f} of {gaps['span_ms']:.1f} ms (idle {gaps['idle_ms']:.1f}, of it"
         f" {gaps['idle_in_gaps_under_20us_ms']:.1f} in gaps under 20 us)"

@@ -20,12 +20,8 @@ GIB = 2**30
 def main() -> None:
     import idle_profile
     import torch
-    import train_one
 
-    parser = idle_profile.step_arguments(__doc__)
-    parser.add_argument("--graphs", action="store_true", help="checkpointed layers replayed from CUDA graphs")
-    args = parser.parse_args()
-    train_one.CHECKPOINTING["graphs"] = args.graphs
+    args = idle_profile.step_arguments(__doc__).parse_args()
     model, loss_of, optimizer, batch = idle_profile.setup(args)
     idle_profile.issue_times(loss_of, model, optimizer, batch, 4)  # warm-up (and the graphs' captures)
     checkpoint = importlib.import_module("swiftune_kernels.offloaded_checkpoint").OffloadedCheckpointFunction

@@ -17,6 +17,8 @@ attn8b: swiftune 8B QLoRA (ckpt=0.6) with cuDNN attention and with it off (flash
 park8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 without and with the MLP's gate and up parked on the host for
        the recompute (--park gate,up), alternating, three of each.
 gate8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 with nothing, gate only, and gate and up parked, twice, in turn.
+embed8b: unsloth 8B QLoRA with and without offload_embedding, then swiftune ckpt=0.6, and with the input embedding in
+       host memory: ckpt=0.6 with CUDA graphs, and ckpt=1.6 eager, twice in turn.
 graph8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 with the checkpointed layers eager and replayed from CUDA graphs.
 ab1b, ab8b: swiftune's recompute with and without the down-projection skip, and memory-aware budgets near unsloth's
        peak: 1B LoRA batch 8, 8B QLoRA batch 2.
@@ -100,6 +102,18 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
             for _ in range(2)
             for park in ("", "gate", "gate,up")
         ],
+        # the frozen input embedding in host memory (both systems), and what swiftune spends the memory on: the
+        # graphs, or two more un-checkpointed layers (a 1.6 GiB budget), in turn
+        "embed8b": [
+            {**eight_q, "system": "unsloth", "limit": 280},
+            {**eight_q, "system": "unsloth", "offload_embeddings": True, "limit": 280},
+            {**eight_q, "system": "swiftune", "checkpointing": "0.6"},
+        ]
+        + [
+            {**eight_q, "system": "swiftune", "offload_embeddings": True, **run}
+            for _ in range(2)
+            for run in ({"checkpointing": "0.6", "graphs": True}, {"checkpointing": "1.6"})
+        ],
         # checkpointed layers (forward, recompute and backward) replayed from CUDA graphs, against eager, in turn
         "graph8b": [{**eight_q, "system": "unsloth", "limit": 280}]
         + [
@@ -167,6 +181,8 @@ def command(run: dict, profile: bool) -> list[str]:
         args += ["--park", run["park"]]
     if run.get("graphs"):
         args.append("--graphs")
+    if run.get("offload_embeddings"):
+        args.append("--offload-embeddings")
     if profile and run["system"] == "swiftune" and run.get("points") and not run.get("checkpointing"):
         args.append("--profile")
     return args
@@ -253,6 +269,7 @@ def main() -> None:
         "park8b",
         "gate8b",
         "graph8b",
+        "embed8b",
         "final1b",
         "final8b",
         "curve",

@@ -25,6 +25,8 @@ def label(r: dict) -> str:
         text += f" park={r['park']}"
     if r.get("graphs"):
         text += " graphs"
+    if r.get("offload_embeddings"):
+        text += " emb-host"
     return text
 
 

@@ -40,6 +40,7 @@ def build(system: str, folder: Path, quant: bool, max_seq: int):
             dtype=torch.bfloat16,
             load_in_4bit=quant,
             local_files_only=True,
+            **({"offload_embedding": True} if CHECKPOINTING.get("offload_embeddings") else {}),
         )
         model = Unsloth.get_peft_model(
             model,
@@ -101,6 +102,8 @@ def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int, overri
         fast_path=True,
         **options,
     )
+    if CHECKPOINTING.get("offload_embeddings"):  # the frozen input embedding's table in host memory
+        options["offload_embeddings"] = True
     model = FastLanguageModel.get_peft_model(model, **LORA, target_modules=TARGETS, **options)
     if CHECKPOINTING.get("no_skip"):  # A/B: recompute the MLP's down projection as before
         for module in model.modules():
@@ -167,6 +170,8 @@ def measure(args, model, loss_of, config) -> None:
         base["park"] = args.park
     if args.graphs:
         base["graphs"] = True
+    if args.offload_embeddings:
+        base["offload_embeddings"] = True
     for point in [p for p in args.points.split(",") if p and not args.curve]:
         batch_size, seq = (int(v) for v in point.split("x"))
         batch = random_batch(config.vocab_size, batch_size, seq)
@@ -317,6 +322,9 @@ def main() -> None:
     parser.add_argument("--park", default="", help="swiftune: park these MLP projections for the recompute (gate,up)")
     parser.add_argument("--graphs", action="store_true", help="swiftune: checkpointed layers from CUDA graphs")
     parser.add_argument(
+        "--offload-embeddings", action="store_true", help="swiftune and unsloth: the input embedding in host memory"
+    )
+    parser.add_argument(
         "--no-cudnn-attention", action="store_true", help="turn PyTorch's cuDNN attention off (sdpa then uses flash)"
     )
     args = parser.parse_args()
@@ -325,6 +333,7 @@ def main() -> None:
         no_skip=args.no_recompute_skip,
         park=_park_projections(args.park),
         graphs=args.graphs,
+        offload_embeddings=args.offload_embeddings,
     )
     if args.no_cudnn_attention:  # A/B: cuDNN attention costs ~100 us of host time a call where the host bounds a step
         import torch
