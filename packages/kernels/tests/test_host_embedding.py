@@ -98,3 +98,14 @@ def test_module_refuses_trained_or_max_norm_embeddings():
         HostEmbedding.from_embedding(torch.nn.Embedding(4, 3))
     with pytest.raises(ValueError, match="max_norm"):
         HostEmbedding.from_embedding(torch.nn.Embedding(4, 3, max_norm=1.0).requires_grad_(False))
+
+
+def test_a_deep_copy_of_the_module_looks_up_the_same_rows(device):
+    import copy
+
+    embedding = torch.nn.Embedding(30, 5, device=device).requires_grad_(False)
+    twin = copy.deepcopy(HostEmbedding.from_embedding(embedding))
+    ids = torch.tensor([[0, 29, 7]], device=device)
+    assert torch.equal(twin(ids), embedding(ids))
+    if torch.cuda.is_available():
+        assert twin.weight.is_pinned()

@@ -64,7 +64,9 @@ def test_a_tied_embedding_is_refused(tmp_path):
     model, _ = FastLanguageModel.from_pretrained(folder)
     with pytest.raises(ValueError, match="tied to the LM head"):
         FastLanguageModel.get_peft_model(model, r=4, offload_embeddings=True)
-    assert type(model.get_input_embeddings()) is torch.nn.Embedding
+    embedding = model.get_input_embeddings()
+    assert type(embedding) is torch.nn.Embedding and embedding.weight.requires_grad  # nothing changed
+    assert not hasattr(model, "_swiftune_offload")  # the checkpointing was not switched on either
 
 
 @pytest.mark.parametrize("kwargs", [{"modules_to_save": ["embed_tokens"]}, {"trainable_token_indices": [3, 4]}])

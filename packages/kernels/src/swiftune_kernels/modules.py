@@ -131,7 +131,11 @@ class HostEmbedding(nn.Module):
         return embedding.requires_grad_(False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return host_embedding(ids.to(self.device), self.weight)
+        ids = ids.to(self.device)
+        if ids.is_cuda and not self.weight.is_pinned():
+            # A copy of the module (copy.deepcopy, e.g. a reference model) holds a plain host copy: pin it once.
+            self.weight = pin_table(self.weight)
+        return host_embedding(ids, self.weight)
 
     def _apply(self, fn, recurse: bool = True):
         # model.to(device) / .cuda() / .half() must not pull the table back onto the GPU (that would undo the

@@ -268,7 +268,7 @@ class HostCopy:
         The caller drops the input next, and its block must not be handed out again before the download has read
         it. ``record_stream`` would ensure that, but it frees the block only once the host sees the copy done; a
         host that runs layers ahead of the device (a step replayed from CUDA graphs issues its forward in a fifth
-        of the device's time) then holds every layer's input at once: 26 x 32 MiB at the 8B step's peak. Instead,
+        of the device's time) then holds many layers' inputs at once (26 x 32 MiB at one point of the 8B step). Instead,
         a source is released as soon as the host sees its copy done, or when the next layer's copy starts: then
         the main stream waits for it (on the device's clock it ended during this layer's compute) and the block
         goes back to its pool in stream order, reusable at once.

@@ -30,6 +30,35 @@ class EmbeddingOffload:
         self.model._swiftune_embedding_offload = None
 
 
+def check_offloadable(model: nn.Module, trained_modules: list[str] | None = None, freeze: bool = False) -> nn.Module:
+    """Raise a ValueError that says what to do unless ``model``'s input embedding can live in host memory; change
+    nothing. Returns the embedding. Arguments as in :func:`offload_input_embeddings`."""
+    from swiftune_kernels.modules import HostEmbedding
+
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, HostEmbedding):
+        return embedding
+    if type(embedding) is not nn.Embedding:
+        raise ValueError(
+            f"offload_embeddings supports a plain torch.nn.Embedding; this model's input embedding is "
+            f"{type(embedding).__name__}. Leave offload_embeddings off for it."
+        )
+    output = model.get_output_embeddings()
+    if output is not None and getattr(output, "weight", None) is embedding.weight:
+        raise ValueError(
+            "the input embedding is tied to the LM head, which reads the whole table every step, so it must stay "
+            "on the GPU. Leave offload_embeddings off for this model."
+        )
+    names = [name for name, module in model.named_modules() if module is embedding]
+    trained = [t for t in trained_modules or [] if any(n == t or n.endswith("." + t) for n in names)]
+    if trained or (embedding.weight.requires_grad and not freeze):
+        raise ValueError(
+            f"the input embedding is trained ({trained or 'requires_grad'}); only a frozen one can live in host "
+            "memory. Remove it from modules_to_save, or leave offload_embeddings off."
+        )
+    return embedding
+
+
 def offload_input_embeddings(
     model: nn.Module, trained_modules: list[str] | None = None, freeze: bool = False
 ) -> EmbeddingOffload:
@@ -46,36 +75,19 @@ def offload_input_embeddings(
         A handle whose ``revert()`` undoes it; also kept as ``model._swiftune_embedding_offload``.
 
     Raises:
-        ValueError: the embedding is tied to the output layer, trained, or not a plain ``nn.Embedding``.
+        ValueError: the embedding is tied to the output layer, trained, or not a plain ``nn.Embedding`` (checked
+            before anything changes).
     """
     from swiftune_kernels.modules import HostEmbedding
 
-    embedding = model.get_input_embeddings()
+    embedding = check_offloadable(model, trained_modules, freeze)
     if isinstance(embedding, HostEmbedding):
-        return model._swiftune_embedding_offload
-    if type(embedding) is not nn.Embedding:
-        raise ValueError(
-            f"offload_embeddings supports a plain torch.nn.Embedding; this model's input embedding is "
-            f"{type(embedding).__name__}. Leave offload_embeddings off for it."
-        )
-    output = model.get_output_embeddings()
-    if output is not None and getattr(output, "weight", None) is embedding.weight:
-        raise ValueError(
-            "the input embedding is tied to the LM head, which reads the whole table every step, so it must stay "
-            "on the GPU. Leave offload_embeddings off for this model."
-        )
-    names = [name for name, module in model.named_modules() if module is embedding]
-    trained = [t for t in trained_modules or [] if any(n == t or n.endswith("." + t) for n in names)]
-    if freeze and not trained:
+        handle = getattr(model, "_swiftune_embedding_offload", None) or EmbeddingOffload(model, embedding)
+    else:
         embedding.requires_grad_(False)
-    if trained or embedding.weight.requires_grad:
-        raise ValueError(
-            f"the input embedding is trained ({trained or 'requires_grad'}); only a frozen one can live in host "
-            "memory. Remove it from modules_to_save, or leave offload_embeddings off."
-        )
-    with torch.no_grad():
-        host = HostEmbedding.from_embedding(embedding)
-    model.set_input_embeddings(host)
-    handle = EmbeddingOffload(model, host)
+        with torch.no_grad():
+            host = HostEmbedding.from_embedding(embedding)
+        model.set_input_embeddings(host)
+        handle = EmbeddingOffload(model, host)
     model._swiftune_embedding_offload = handle
     return handle

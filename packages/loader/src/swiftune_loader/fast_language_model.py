@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from swiftune_loader.checkpointing import enable_checkpointing, replay_from_cuda_graphs
-from swiftune_loader.embedding_offload import offload_input_embeddings
+from swiftune_loader.embedding_offload import check_offloadable, offload_input_embeddings
 from swiftune_loader.inference_mode import enter_inference, enter_training
 from swiftune_loader.loading_options import (
     apply_tokenizer_fix,
@@ -223,6 +223,10 @@ class FastLanguageModel:
                 f"cuda_graphs replays swiftune's checkpointed layers, and use_gradient_checkpointing={checkpointing!r}"
                 ' does not use them; pass "offload", "auto" or a GiB budget.'
             )
+        if offload_embeddings:
+            if kwargs.get("trainable_token_indices"):
+                raise ValueError("trainable_token_indices trains embedding rows; leave offload_embeddings off.")
+            check_offloadable(model, trained_modules=modules_to_save, freeze=True)
         check_target_modules(model, target_modules)
         log_fused_lora_fallback(model, float(lora_dropout), bool(kwargs.get("use_dora", False)))
         torch.manual_seed(random_state)
@@ -232,10 +236,7 @@ class FastLanguageModel:
             # offloaded bytes) and a float32 fused loss. Our kernels already compute norms and the loss in float32.
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
-        if offload_embeddings:
-            if kwargs.get("trainable_token_indices"):
-                raise ValueError("trainable_token_indices trains embedding rows; leave offload_embeddings off.")
-            # Frozen first, as peft freezes every base weight that is not in modules_to_save.
+        if offload_embeddings:  # frozen, as peft freezes every base weight that is not in modules_to_save
             offload_input_embeddings(model, trained_modules=modules_to_save, freeze=True)
         enable_checkpointing(model, checkpointing)  # after the offload: an "auto" plan sees the memory it frees
         if cuda_graphs:
