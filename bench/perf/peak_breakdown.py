@@ -97,6 +97,15 @@ def main() -> None:
         f" graph pool {pool / GIB:.3f} GiB, total {(peak_allocated + pool) / GIB:.3f} GiB"
     )
     print(f"  the peak: event {peak_index} of {len(events)}, an allocation by {made_peak}")
+    if graphs and graphs._POOLS:  # the pool's segments and free blocks, largest first: what could shrink it
+        pools = set(graphs._POOLS.values())
+        segments = [s for s in snapshot["segments"] if tuple(s.get("segment_pool_id", ())) in pools]
+        sizes = sorted((s["total_size"] >> 20 for s in segments), reverse=True)
+        free = sorted(
+            (b["size"] >> 20 for s in segments for b in s["blocks"] if not b["state"].startswith("active")),
+            reverse=True,
+        )
+        print(f"  graph pool segments (MiB): {sizes[:24]}; free blocks (MiB): {free[:24]}")
     ranked = sorted(by_owner.items(), key=lambda kv: -sum(kv[1]))
     for name, sizes in ranked[: args.top]:
         print(f"  {sum(sizes) / 2**20:>9.1f} MiB in {len(sizes):>4} blocks  {name}")

@@ -19,6 +19,8 @@ park8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 without and with the MLP's gate
 gate8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 with nothing, gate only, and gate and up parked, twice, in turn.
 embed8b: unsloth 8B QLoRA with and without offload_embedding, then swiftune ckpt=0.6, and with the input embedding in
        host memory: ckpt=0.6 with CUDA graphs, and ckpt=1.6 eager, twice in turn.
+slot8b: unsloth 8B QLoRA, then swiftune with CUDA graphs and the embedding in host memory: ckpt=0.6, and ckpt=0.1
+       with the MLP's gate parked through the graphs' slots (--park gate), twice, in turn; then ckpt=0.6 parked.
 graph8b: unsloth 8B QLoRA, then swiftune ckpt=0.6 with the checkpointed layers eager and replayed from CUDA graphs.
 ab1b, ab8b: swiftune's recompute with and without the down-projection skip, and memory-aware budgets near unsloth's
        peak: 1B LoRA batch 8, 8B QLoRA batch 2.
@@ -113,6 +115,23 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
             {**eight_q, "system": "swiftune", "offload_embeddings": True, **run}
             for _ in range(2)
             for run in ({"checkpointing": "0.6", "graphs": True}, {"checkpointing": "1.6"})
+        ],
+        # the graphed step with the gate parked through fixed slots (slot_parking), against the same without, in turn
+        "slot8b": [{**eight_q, "system": "unsloth", "limit": 280}]
+        + [
+            {**eight_q, "system": "swiftune", "graphs": True, "offload_embeddings": True, **run}
+            for _ in range(2)
+            for run in ({"checkpointing": "0.6"}, {"checkpointing": "0.1", "park": "gate"})
+        ]
+        + [
+            {
+                **eight_q,
+                "system": "swiftune",
+                "graphs": True,
+                "offload_embeddings": True,
+                "checkpointing": "0.6",
+                "park": "gate",
+            }
         ],
         # checkpointed layers (forward, recompute and backward) replayed from CUDA graphs, against eager, in turn
         "graph8b": [{**eight_q, "system": "unsloth", "limit": 280}]
@@ -270,6 +289,7 @@ def main() -> None:
         "gate8b",
         "graph8b",
         "embed8b",
+        "slot8b",
         "final1b",
         "final8b",
         "curve",

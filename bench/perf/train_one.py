@@ -111,6 +111,7 @@ def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int, overri
                 module._swiftune_output_to_residual = False
     if CHECKPOINTING.get("park"):  # offloaded layers park the MLP's gate and/or up for the recompute (opt-in)
         importlib.import_module("swiftune_kernels.lora_mlp").PARKED_PROJECTIONS = CHECKPOINTING["park"]
+        importlib.import_module("swiftune_kernels.slot_parking").SLOT_PARKED = CHECKPOINTING["park"]  # with graphs
         for module in model.modules():
             handle = module.__dict__.get("_swiftune_offload")
             if handle is not None:

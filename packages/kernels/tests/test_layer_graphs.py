@@ -208,7 +208,7 @@ def test_replayed_forwards_give_the_eager_outputs_and_gradients(policy):
     plain = apply_offloaded_checkpointing(eager, policy=policy)
     handle = apply_offloaded_checkpointing(graphed, policy=policy, cuda_graphs=True)
     gen = torch.Generator(device="cpu").manual_seed(1)
-    for step in range(5):  # eager, capture (computed eagerly on the side stream), then replays with new inputs
+    for step in range(5):  # eager, capture (and a replay, or the process's first: an eager run), then replays
         x = torch.randn(2, 37, HIDDEN, generator=gen).to(device)
         table = (1 + torch.randn(HIDDEN, generator=gen) / 4).to(device)
         dy = torch.randn(2, 37, HIDDEN, generator=gen).to(device)
@@ -216,9 +216,11 @@ def test_replayed_forwards_give_the_eager_outputs_and_gradients(policy):
         got = _step(graphed, x, table, dy)
         for w, g in zip(want, got, strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"step {step}")
-    # a forward and a backward graph a layer, each replayed in steps 3 to 5
+    # a forward and a backward graph a layer, each replayed in steps 3 to 5, and in step 2 after its capture (but the
+    # process's first capture, whose call ran eagerly to warm the capture stream up)
     assert [w.graphs.captures for w in _wrappers(graphed)] == [2, 2, 2]
-    assert [w.graphs.replays for w in _wrappers(graphed)] == [6, 6, 6]
+    replays = [w.graphs.replays for w in _wrappers(graphed)]
+    assert replays[1:] == [8, 8] and replays[0] in (7, 8)
     assert graphs_module.graph_pool_bytes() > 0
     plain.revert()
     handle.revert()
@@ -250,7 +252,8 @@ def test_a_new_shape_is_captured_on_its_own_and_both_stay_correct():
         for w, g in zip(_step(eager, x, None, dy), _step(graphed, x, None, dy), strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     (wrapper,) = _wrappers(graphed)
-    assert wrapper.graphs.captures == 4 and wrapper.graphs.replays == 4  # forward and backward, two shapes
+    # forward and backward, two shapes; each capture also replayed for its call (the process's first ran eagerly)
+    assert wrapper.graphs.captures == 4 and wrapper.graphs.replays in (7, 8)
 
 
 @cuda
@@ -314,7 +317,7 @@ def test_frozen_inputs_and_absent_output_gradients_are_replayed_right():
         torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
         assert graphed[0].lora_A.grad is None
     (wrapper,) = _wrappers(graphed)
-    assert wrapper.graphs.captures == 2 and wrapper.graphs.replays == 4
+    assert wrapper.graphs.captures == 2 and wrapper.graphs.replays in (5, 6)  # and a replay at each capture
 
 
 class AutocastLoRALayer(nn.Module):
@@ -364,7 +367,7 @@ def test_training_steps_under_autocast_match_eager():
     for (eager, _), (graphed, _) in zip([stacks[0]], [stacks[1]], strict=True):
         for p, q in zip(eager.parameters(), graphed.parameters(), strict=True):
             torch.testing.assert_close(q, p, atol=1e-3, rtol=1e-3)
-    assert all(w.graphs.captures == 2 and w.graphs.replays == 8 for w in _wrappers(stacks[1][0]))
+    assert all(w.graphs.captures == 2 and w.graphs.replays in (9, 10) for w in _wrappers(stacks[1][0]))
 
 
 # --- a capture that fails: these run last, because the first failure switches captures off for the process ------

@@ -542,6 +542,37 @@ def test_a_host_ahead_of_the_device_holds_at_most_one_offloaded_input():
     _assert_same((y.detach(), h.grad, [p.grad for p in layers.parameters()]), want, _bound("cuda", torch.bfloat16))
 
 
+@cuda_only
+def test_a_host_ahead_of_the_device_in_backward_holds_no_pile_of_uploaded_inputs():
+    """Uploads allocated on their own stream came back only once the host saw the main stream's work done, so a
+    backward issued far ahead of the device (layers replayed from CUDA graphs) held every uploaded input at once."""
+    hidden, tokens, n = 256, 32768, 8
+    one_input = tokens * hidden * 2
+    layers = _stack(hidden=hidden, layers=n, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dy = torch.randn_like(x)
+    want = _grads(layers, x, dy)
+    seen = []  # memory allocated as the host issues each layer's backward (a gradient hook runs at issue time)
+    with apply_offloaded_checkpointing(layers, policy="offload"):
+        h = x.detach().requires_grad_()
+        y = h
+        for layer in layers:
+            y = layer(y)
+            if layer is not layers[-1]:
+                y.register_hook(lambda grad: seen.append(torch.cuda.memory_allocated()))
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of device time: the backward below is issued while it is busy
+        y.backward(dy)
+        ahead = not torch.cuda.current_stream().query()
+    assert ahead, "the device caught up with the host; the test proves nothing"
+    assert len(seen) == n - 1
+    grads = sum(p.numel() * p.element_size() for p in layers.parameters())
+    # the same few inputs alive at each layer (its own, the next one's upload), and the parameters' gradients;
+    # before, one more uploaded input per layer: (n - 2) x one_input more by the last layer
+    assert seen[-1] - seen[0] <= grads + one_input
+    _assert_same((y.detach(), h.grad, [p.grad for p in layers.parameters()]), want, _bound("cuda", torch.bfloat16))
+
+
 def test_per_layer_modes_keep_or_drop_activations_with_identical_gradients():
     torch.manual_seed(0)
     layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)) for _ in range(2)])

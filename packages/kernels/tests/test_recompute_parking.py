@@ -83,9 +83,9 @@ def base_matmuls(monkeypatch):
     calls = []
     original = mlp_module.project_forward
 
-    def counting(x2, weight, *args):
+    def counting(x2, weight, *args, **kwargs):
         calls.append(weight.shape)
-        return original(x2, weight, *args)
+        return original(x2, weight, *args, **kwargs)
 
     monkeypatch.setattr(mlp_module, "project_forward", counting)
     return calls

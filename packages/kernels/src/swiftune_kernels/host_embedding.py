@@ -16,13 +16,12 @@ lookup), or the kernel in Triton's interpreter under ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 
 from swiftune_kernels.dispatch import check_floating, use_triton
+from swiftune_kernels.offload_host_copy import register_pinned
 
 
 @triton.jit
@@ -109,13 +108,4 @@ def pin_table(weight: torch.Tensor) -> torch.Tensor:
     The copy is registered with the CUDA driver in place (and unregistered when it is freed). Without CUDA it is a
     plain host copy, which the CPU paths of :func:`host_embedding` read just the same.
     """
-    host = weight.detach().to("cpu", copy=True).contiguous()
-    if not torch.cuda.is_available() or host.numel() == 0:
-        return host
-    cudart = torch.cuda.cudart()
-    status = cudart.cudaHostRegister(host.data_ptr(), host.numel() * host.element_size(), 0)
-    if int(status) != 0:
-        # Registration can fail (a locked-memory limit, an unsupported allocation): PyTorch's pinned pool instead.
-        return host.pin_memory()
-    weakref.finalize(host, cudart.cudaHostUnregister, host.data_ptr())
-    return host
+    return register_pinned(weight.detach().to("cpu", copy=True).contiguous())

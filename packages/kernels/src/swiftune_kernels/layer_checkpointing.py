@@ -24,6 +24,7 @@ from swiftune_kernels.layer_graphs import (
     parameter_slots,
 )
 from swiftune_kernels.offloaded_checkpoint import POLICIES, _checkpoint
+from swiftune_kernels.slot_parking import LayerParking
 
 # Keyword arguments through which transformers layers write a KV cache: a recompute would write it twice.
 _CACHE_KWARGS = {"use_cache": False, "past_key_values": None, "past_key_value": None, "layer_past": None}
@@ -64,6 +65,7 @@ class _CheckpointedForward:
         preserve_rng_state: bool,
         park: bool = False,
         cuda_graphs: bool = False,
+        index: int = 0,
     ) -> None:
         self.module_name = type(module).__name__
         self.is_training = lambda: module.training
@@ -75,6 +77,8 @@ class _CheckpointedForward:
         self.preserve_rng_state = preserve_rng_state
         self.park = park  # an offloaded layer's forward parks intermediates for its recompute (recompute_parking)
         self.graphs = LayerGraphs() if cuda_graphs else None  # forward and backward replayed (layer_graphs)
+        # With graphs, parking goes through fixed slots (slot_parking); ``index``, the layer's place, picks its slot.
+        self.parking = LayerParking(index)
         self._parameters_seen: tuple[int, list[nn.Parameter]] | None = None
         self._graph_seen: tuple[tuple[int, bool], tuple[list[nn.Module], dict] | None] | None = None
 
@@ -147,8 +151,9 @@ class _CheckpointedForward:
             self.offload,
             self.preserve_rng_state,
             whole_layer=True,
-            park=self.park,
-            graphs=None if self.park else self.graph_plan(),
+            park=self.park and self.graphs is None,
+            graphs=self.graph_plan(),
+            slot_parking=self.parking if self.park and self.graphs is not None else None,
         )
 
 
@@ -201,6 +206,7 @@ class OffloadedCheckpointingHandle:
 
     def revert(self) -> None:
         for module, wrapper, previous in reversed(self._entries):
+            wrapper.parking.release()
             if module.__dict__.get("forward") is not wrapper:
                 raise RuntimeError(
                     f"{type(module).__name__}.forward was replaced after offloaded checkpointing was applied; "
@@ -271,10 +277,10 @@ def apply_offloaded_checkpointing(
             )
     _watch_structure()
     entries = []
-    for layer in layers:
+    for index, layer in enumerate(layers):
         previous = layer.__dict__.get("forward")  # accelerate and others set an instance forward too
         wrapper = _CheckpointedForward(
-            layer, layer.forward, policy, preserve_rng_state, park_intermediates, cuda_graphs
+            layer, layer.forward, policy, preserve_rng_state, park_intermediates, cuda_graphs, index
         )
         layer.forward = wrapper
         entries.append((layer, wrapper, previous))

@@ -10,7 +10,9 @@ Python; replayed, a layer costs the host a few copies and one launch each way, a
 How (:class:`LayerGraphs`, one per layer, kept by the checkpoint wrapper; the backward is captured only for a
 layer whose forward was replayed, so the same rules hold for both):
 - The first calls with a new input signature (shapes, dtypes, strides, the non-tensor arguments, autocast state and
-  the layer's adapter state) run eagerly; the ``warmup``-th runs once more on a side stream and is captured there.
+  the layer's adapter state) run eagerly; the ``warmup``-th is captured on a side stream and replayed for its
+  result. Only the process's first capture runs its call eagerly on that stream first, to warm the stream up: an
+  eager run beside each capture would hold a layer's temporaries from the allocator next to the pool's.
 - Every layer's graphs, forward and backward, share one memory pool and one set of input and output buffers per
   signature: replays run one after another on one stream, so one layer's temporaries (the larger of its forward's
   and its backward's) are all the pool holds, and the backward's temporaries no longer come from the allocator
@@ -50,6 +52,8 @@ _CAPTURE = {"failed": False}
 _POOLS: dict[int, tuple] = {}
 _STREAMS: dict[int, torch.cuda.Stream] = {}
 _BUFFERS: dict[tuple, torch.Tensor] = {}
+# Devices whose capture stream has run a layer eagerly (its cuBLAS workspace made, its first launches done).
+_WARMED: set[int] = set()
 
 
 def _pool(device: torch.device):
@@ -212,6 +216,7 @@ class LayerGraphs:
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, Any] = {}  # signature -> _Graph, or _UNCAPTURABLE
         self._eager_calls: dict[tuple, int] = {}
+        self._output_like: dict[tuple, list] = {}  # (shape, dtype, device) of the outputs of the last eager call
         self.captures = 0  # graphs captured, and replays run (for tests and benchmarks)
         self.replays = 0
         self.last_error: str | None = None  # why the last failed capture failed
@@ -221,6 +226,7 @@ class LayerGraphs:
         """Drop every graph (their pool memory returns when no layer holds a graph of it)."""
         self._graphs.clear()
         self._eager_calls.clear()
+        self._output_like.clear()
 
     def run(
         self,
@@ -240,7 +246,9 @@ class LayerGraphs:
         full = len(self._graphs) >= self.max_graphs
         if entry is _UNCAPTURABLE or calls < self.warmup or full or _CAPTURE["failed"]:
             self._eager_calls[key] = calls
-            return run(hidden_states, arg_tensors)
+            spec, outputs = run(hidden_states, arg_tensors)
+            self._output_like[key] = [(o.shape, o.dtype, o.device) for o in outputs]
+            return spec, outputs
         return self._capture(run, key, tensors)
 
     def _replay(self, entry: _Graph, tensors: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
@@ -253,22 +261,31 @@ class LayerGraphs:
 
     def _capture(self, run, key: tuple, tensors: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
         device = tensors[0].device
+        index = device.index if device.index is not None else torch.cuda.current_device()
         main, side = torch.cuda.current_stream(device), _stream(device)
         inputs = [_buffer("in", i, (t.shape, t.dtype, t.device)) for i, t in enumerate(tensors)]
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            # The eager result of this call, computed on the capture stream: it warms that stream up (cuBLAS
-            # workspace, cuDNN plans) and is what this call returns. The inputs go to the shared buffers
-            # on the side stream too, after it has waited for the main stream.
-            spec, outputs = run(tensors[0], tensors[1:])
-            for buffer, tensor in zip(inputs, tensors, strict=True):
-                buffer.copy_(tensor)
-        main.wait_stream(side)
-        for tensor in tensors:  # read on the side stream: not reused before that work is done
-            tensor.record_stream(side)
-        for tensor in outputs:  # made on the side stream, used on the main one from now on
-            tensor.record_stream(main)
-        shared_outputs = [_buffer("out", i, (o.shape, o.dtype, o.device)) for i, o in enumerate(outputs)]
+        like = self._output_like.get(key)
+        if index in _WARMED and like is not None:
+            # The capture stream ran a layer before: capture at once and replay for this call's result. An eager
+            # run here would hold its temporaries from the allocator beside the pool's (a layer's backward working
+            # set twice, ~0.9 GiB at Llama-8B, batch 2 x 2048), the step's highest point.
+            spec = outputs = None
+            side.wait_stream(main)
+        else:
+            # The first capture of the process: this call's result computed eagerly on the capture stream warms
+            # that stream up (its cuBLAS workspace and first launches), and is what this call returns.
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                spec, outputs = run(tensors[0], tensors[1:])
+            main.wait_stream(side)
+            for tensor in tensors:  # read on the side stream: not reused before that work is done
+                tensor.record_stream(side)
+            for tensor in outputs:  # made on the side stream, used on the main one from now on
+                tensor.record_stream(main)
+            _WARMED.add(index)
+            like = [(o.shape, o.dtype, o.device) for o in outputs]
+        # allocated here, outside the graphs' pool (an allocation under capture would come from it)
+        shared_outputs = [_buffer("out", i, o) for i, o in enumerate(like)]
         graph = torch.cuda.CUDAGraph()
         generator = torch.cuda.default_generators[device.index if device.index is not None else main.device.index]
         fresh_rng = generator.clone_state()
@@ -304,9 +321,13 @@ class LayerGraphs:
             # only after a successful capture), and every later random op in the process would then raise: the
             # generator gets an unmarked copy of its state back.
             generator.graphsafe_set_state(fresh_rng)
+            if outputs is None:  # nothing ran for this call yet: it runs eagerly
+                return run(tensors[0], tensors[1:])
             return spec, outputs
         main.wait_stream(side)
-        self._graphs[key] = _Graph(graph, inputs, shared_outputs, captured_spec)
+        entry = self._graphs[key] = _Graph(graph, inputs, shared_outputs, captured_spec)
         self._eager_calls.pop(key, None)
         self.captures += 1
+        if outputs is None:
+            return self._replay(entry, tensors)
         return spec, outputs

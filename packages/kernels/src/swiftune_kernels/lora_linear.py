@@ -149,15 +149,16 @@ def check_input(x: torch.Tensor) -> None:
         raise ValueError("x must have a feature dimension: (..., in_features).")
 
 
-def project_forward(x2, weight, a, b, s):
+def project_forward(x2, weight, a, b, s, out=None):
     """``(x2 @ W.T + s * xa @ B.T, xa)`` for x2 (T, in) with a, b already in x2's dtype; xa = x2 @ A.T, unscaled.
+    ``out``: a contiguous (T, out_features) tensor of x2's dtype to write y into, else a new one.
 
     The rank-r term is written first (a write-only thin matmul), then the base matmul adds onto it with beta=1:
     see the module docstring for why the order matters.
     """
     xa = torch.mm(x2, a.t())
     # beta=0: the fresh y is not read (nor its garbage propagated); alpha=s scales in the same matmul
-    y = x2.new_empty(x2.shape[0], b.shape[0]).addmm_(xa, b.t(), beta=0, alpha=s)
+    y = (x2.new_empty(x2.shape[0], b.shape[0]) if out is None else out).addmm_(xa, b.t(), beta=0, alpha=s)
     w = materialize_weight(weight, x2.dtype)
     y.addmm_(x2, w.t())
     del w  # a dequantized weight is freed before the next one is made

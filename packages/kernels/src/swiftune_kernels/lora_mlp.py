@@ -52,7 +52,7 @@ from swiftune_kernels.lora_linear import (
     project_forward,
     weight_shape,
 )
-from swiftune_kernels.recompute_parking import park_for_recompute, parking_in_forward, take_parked
+from swiftune_kernels.recompute_parking import park_destination, park_for_recompute, parking_in_forward, take_parked
 from swiftune_kernels.reference import lora as _reference
 from swiftune_kernels.reference.gated_activation import gated_activation as _reference_gated_activation
 
@@ -102,9 +102,16 @@ def lora_mlp_act_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
 
 def _act_forward(gate: torch.Tensor, up: torch.Tensor, activation: str, in_place: bool = False) -> torch.Tensor:
     """act(gate) * up; with ``in_place``, written over gate where the kernel runs (gate is then h)."""
+    return _act_forward_over(gate if in_place else None, gate, up, activation)
+
+
+def _act_forward_over(over: torch.Tensor | None, gate: torch.Tensor, up: torch.Tensor, activation: str):
+    """act(gate) * up, written over ``over`` (gate or up, or None: a new tensor) where the kernel runs."""
     if gate.dtype == torch.float64:
         return _reference_gated_activation(gate, up, activation)
-    return gated_activation_forward(gate, up, activation, out=gate if in_place and gate.is_contiguous() else None)
+    return gated_activation_forward(
+        gate, up, activation, out=over if over is not None and over.is_contiguous() else None
+    )
 
 
 # Automatic tiling bound: tile when one (T x I) buffer (gate, up, dh) would be larger. At 1 GiB a tile of a Llama-8B
@@ -258,9 +265,15 @@ class LoRAMLPFunction(torch.autograd.Function):
             # Nothing will be saved (inference, or a checkpointed layer's forward): h overwrites gate and up goes
             # before the down projection, so that two (T x I) buffers fewer are alive there (the pool of the layer
             # graphs holds exactly this peak). A parking forward takes the path below: its copies read gate and up.
-            gate, _ = project_forward(x2, g_w, cast[0], cast[1], g_s)
-            up, _ = project_forward(x2, u_w, cast[2], cast[3], u_s)
-            h = _act_forward(gate, up, activation, in_place=True)
+            # A slot-parking forward (slot_parking) has gate and up written straight into its slots; h then goes
+            # over a tensor that is not parked.
+            shape = torch.Size((x2.shape[0], _out_features(g_w)))
+            gate_slot = park_destination(("gate", id(g_a)), shape, x2.dtype, x2.device)
+            up_slot = park_destination(("up", id(u_a)), shape, x2.dtype, x2.device)
+            gate, _ = project_forward(x2, g_w, cast[0], cast[1], g_s, out=gate_slot)
+            up, _ = project_forward(x2, u_w, cast[2], cast[3], u_s, out=up_slot)
+            over = gate if gate_slot is None else up if up_slot is None else None
+            h = _act_forward_over(over, gate, up, activation)
             del gate, up
             y, _ = project_forward(h, d_w, cast[4], cast[5], d_s)
             return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -103,6 +103,20 @@ def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
         return _STREAMS[key]
 
 
+def register_pinned(host: torch.Tensor) -> torch.Tensor:
+    """``host`` (a contiguous CPU tensor) page-locked in place, at its exact size, while it lives; a pinned copy from
+    PyTorch's pool (which rounds up to a power of two) where registration fails; ``host`` itself without CUDA."""
+    if not torch.cuda.is_available() or host.numel() == 0:
+        return host
+    cudart = torch.cuda.cudart()
+    status = cudart.cudaHostRegister(host.data_ptr(), host.numel() * host.element_size(), 0)
+    if int(status) != 0:
+        # Registration can fail (a locked-memory limit, an unsupported allocation): PyTorch's pinned pool instead.
+        return host.pin_memory()
+    weakref.finalize(host, cudart.cudaHostUnregister, host.data_ptr())
+    return host
+
+
 # Share of the host's available memory that offloaded layer inputs may pin: the rest is for the process itself, the
 # other programs of the machine, and the data pipeline.
 HOST_OFFLOAD_FRACTION = 0.7
@@ -311,13 +325,17 @@ class HostCopy:
             self._copy_pieces(_byte_view(restored), to_host=False)
             self.restored = restored
             return
+        # Allocated on the main stream, where it is used and freed: its block goes back in stream order, reusable
+        # at once, and the copy starts when the device reaches this point (one layer's backward before the input
+        # is needed, against a copy of a fraction of that). Allocated on the upload stream instead, the blocks
+        # came back only once the host saw the main stream's work done (record_stream): a host far ahead of the
+        # device (layers replayed from CUDA graphs) then held twenty uploaded inputs at once at Llama-8B.
+        main = torch.cuda.current_stream(self.device)
+        restored = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         upload = _side_stream(self.device, "h2d")
         upload.wait_event(self.stored)
+        upload.wait_stream(main)
         with torch.cuda.stream(upload):
-            # Allocated on the upload stream: the caching allocator hands out there only blocks that stream may
-            # write now, so the copy need not wait for the main stream's queued kernels. Where the host runs
-            # layers ahead of the device, the copy starts that much earlier than the compute reaches this point.
-            restored = torch.empty(self.shape, dtype=self.dtype, device=self.device)
             self._copy_pieces(_byte_view(restored), to_host=False)
         self.restored = restored
         self.ready = torch.cuda.Event()
@@ -339,10 +357,7 @@ class HostCopy:
         _release_source(self._held)
         _release_finished_sources()
         if self.ready is not None:
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(self.ready)
-            # Its block goes back to the upload stream's pool when freed: not before the main stream is done with it.
-            self.restored.record_stream(main)
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
         tensor, self.restored, self.host = self.restored, None, None
         self._release()
         return tensor

@@ -166,8 +166,11 @@ class _Plan:
         whole_layer=False,
         park=False,
         graphs=None,
+        slot_parking=None,
     ) -> None:
         self.run_function = run_function
+        # The layer's LayerParking when its forward parks through fixed slots (slot_parking; with the layer graphs)
+        self.slot_parking = slot_parking
         # (LayerGraphs, the layer's state its graphs depend on, where its parameters are held) when the layer may
         # be replayed from graphs (layer_graphs)
         self.graphs = graphs
@@ -221,13 +224,30 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.lot = ParkingLot() if ctx.offloaded and plan.whole_layer and plan.park else None
         if ctx.lot is not None:
             ctx.host_copy.followers.append(ctx.lot)
+        # Slot parking (slot_parking) for a whole layer with its input parked; it replaces the lot above.
+        parking = plan.slot_parking if ctx.offloaded and plan.whole_layer and ctx.lot is None else None
+        ctx.parking, ctx.park_generation = parking, None
         graphed = plan.graphs is not None and ctx.lot is None and not torch.cuda.is_current_stream_capturing()
         # Through the layer graphs the forward keeps nothing for its recompute (adapter casts, lora_linear): the
         # recompute differentiates with respect to stand-ins of the parameters and would never take it.
         token = _CHECKPOINTED_FORWARD.set(plan.whole_layer and not graphed)
         try:
             ctx.graph_state = None
-            if graphed:
+            if parking is not None:
+                parking.before_forward(device)
+                run = parking.wrap_forward(plan.run)
+                if graphed:
+                    graphs, state, _ = plan.graphs
+                    ctx.graph_state = state = (
+                        spec_key(plan.spec), tuple(ctx.autocast), state, parking.signature()
+                    )  # fmt: skip
+                    (plan.output_spec, parked), out_tensors = graphs.run(run, hidden_states, list(arg_tensors), state)
+                else:
+                    (plan.output_spec, parked), out_tensors = run(hidden_states, arg_tensors)
+                ctx.park_generation = parking.after_forward(parked)
+                if ctx.park_generation is not None:
+                    ctx.host_copy.followers.append(parking)  # its upload starts with the input's
+            elif graphed:
                 graphs, state, _ = plan.graphs
                 ctx.graph_state = state = (spec_key(plan.spec), tuple(ctx.autocast), state)
                 plan.output_spec, out_tensors = graphs.run(plan.run, hidden_states, list(arg_tensors), state)
@@ -258,12 +278,15 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             if plan.whole_layer:
                 HostCopy.prefetch_newest(hidden_states.device)
         lot, ctx.lot = ctx.lot, None  # what the forward parked for this recompute (recompute_parking)
+        parking, ctx.parking = ctx.parking, None
+        if parking is not None:  # what it parked through slots (slot_parking), when its host buffers still hold it
+            lot = parking.recompute_lot(ctx.park_generation)
         needs = ctx.needs_input_grad[1:]  # hidden_states, argument tensors, then parameters
         if ctx.graph_state is not None and plan.params is not None and not torch.cuda.is_current_stream_capturing():
             # The forward went through the layer graphs (so nothing in the layer draws random numbers): the
             # recompute and backward do too, captured after the same warm-up, in the same pool (layer_graphs).
             present = tuple(g is not None for g in grad_outputs)
-            state = ("backward", ctx.graph_state, needs, present)
+            state = ("backward", ctx.graph_state, needs, present, lot is not None)
             given = [g for g in grad_outputs if g is not None]
 
             graphs, _, slots = plan.graphs
@@ -278,6 +301,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
                 return [None if r is None else _flatten(r, found) for r in result], found
 
             spec, found = graphs.run(recompute_and_grad, hidden_states, [*saved, *given], state)
+            if parking is not None and lot is not None:
+                parking.after_backward(lot)
             return (None, *(None if r is None else _fill(r, found) for r in spec))
         device = hidden_states.device
         cuda_devices = [device] if plan.preserve_rng_state and device.type == "cuda" else []
@@ -287,6 +312,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
                 if ctx.cuda_rng is not None:
                     torch.cuda.set_rng_state(ctx.cuda_rng, device)
             result = _recompute_and_grad(ctx, lot, needs, hidden_states, saved, grad_outputs)
+        if parking is not None and lot is not None:
+            parking.after_backward(lot)
         return (None, *result)
 
 
@@ -400,6 +427,7 @@ def _checkpoint(
     whole_layer=False,
     park=False,
     graphs=None,
+    slot_parking=None,
 ):
     if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
         got = hidden_states.dtype if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
@@ -416,6 +444,9 @@ def _checkpoint(
         offload = checkpoint_policy(max(1, seq_len), max(1, shape[-1]), batch, hidden_states.device) == "offload"
     if graphs is not None and hidden_states.device.type != "cuda":
         graphs = None
-    plan = _Plan(layer_fn, spec, len(arg_tensors), params, bool(offload), preserve_rng_state, whole_layer, park, graphs)
+    plan = _Plan(
+        layer_fn, spec, len(arg_tensors), params, bool(offload), preserve_rng_state, whole_layer, park, graphs,
+        slot_parking,
+    )  # fmt: skip
     out_tensors = OffloadedCheckpointFunction.apply(plan, hidden_states, *arg_tensors, *(params or []))
     return _fill(plan.output_spec, list(out_tensors))

@@ -45,6 +45,7 @@ PARK_HOST_SHARE = 0.5
 PARK_MAX_BEHIND = 2
 PARK_MAX_IN_FLIGHT = 4
 
+# A ParkingLot, or any object with its park() (slot_parking's); and one with its take() and release().
 _FORWARD_LOT: contextvars.ContextVar[ParkingLot | None] = contextvars.ContextVar("swiftune_park", default=None)
 _RECOMPUTE_LOT: contextvars.ContextVar[ParkingLot | None] = contextvars.ContextVar("swiftune_unpark", default=None)
 # (device, main-stream event where it was queued, download event) of the parked copies not yet seen finished
@@ -134,8 +135,10 @@ def parked_for_recompute(lot: ParkingLot | None) -> Iterator[None]:
 
 
 def parking_in_forward() -> bool:
-    """Whether the code running now is a forward that parks intermediates (whose copies may still be reading them)."""
-    return _FORWARD_LOT.get() is not None
+    """Whether the code running now is a forward that parks intermediates whose copies may still be reading them
+    (a slot-parking forward, :mod:`swiftune_kernels.slot_parking`, copies at once: False there)."""
+    lot = _FORWARD_LOT.get()
+    return lot is not None and not getattr(lot, "copies_at_once", False)
 
 
 def park_for_recompute(key: Hashable, tensor: torch.Tensor) -> bool:
@@ -144,6 +147,14 @@ def park_for_recompute(key: Hashable, tensor: torch.Tensor) -> bool:
     copy may still be reading it."""
     lot = _FORWARD_LOT.get()
     return lot.park(key, tensor) if lot is not None else False
+
+
+def park_destination(key: Hashable, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """In a slot-parking forward (:mod:`swiftune_kernels.slot_parking`), the buffer to write the tensor ``key`` into
+    so that it is parked without a copy (its slot); else None. Do not write it again after the tensor is made."""
+    lot = _FORWARD_LOT.get()
+    destination = getattr(lot, "destination", None)
+    return destination(key, shape, dtype, device) if destination is not None else None
 
 
 def take_parked(key: Hashable, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
