@@ -216,11 +216,11 @@ def test_replayed_forwards_give_the_eager_outputs_and_gradients(policy):
         got = _step(graphed, x, table, dy)
         for w, g in zip(want, got, strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"step {step}")
-    # a forward and a backward graph a layer, each replayed in steps 3 to 5, and in step 2 after its capture (but the
-    # process's first capture, whose call ran eagerly to warm the capture stream up)
+    # a forward and a backward graph a layer, each replayed in steps 3 to 5, and in step 2 after its capture (4 + 4),
+    # but a thread's first capture, whose call ran eagerly to warm the capture stream up: the first forward capture
+    # (layer 0, this thread) and the first backward one (layer 2, autograd's thread) when no test captured before
     assert [w.graphs.captures for w in _wrappers(graphed)] == [2, 2, 2]
-    replays = [w.graphs.replays for w in _wrappers(graphed)]
-    assert replays[1:] == [8, 8] and replays[0] in (7, 8)
+    assert all(w.graphs.replays in (7, 8) for w in _wrappers(graphed))
     assert graphs_module.graph_pool_bytes() > 0
     plain.revert()
     handle.revert()
@@ -252,8 +252,9 @@ def test_a_new_shape_is_captured_on_its_own_and_both_stay_correct():
         for w, g in zip(_step(eager, x, None, dy), _step(graphed, x, None, dy), strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     (wrapper,) = _wrappers(graphed)
-    # forward and backward, two shapes; each capture also replayed for its call (the process's first ran eagerly)
-    assert wrapper.graphs.captures == 4 and wrapper.graphs.replays in (7, 8)
+    # forward and backward, two shapes, each replayed at its capture and at the third call (a thread's first capture
+    # runs its call eagerly instead: at most one forward and one backward)
+    assert wrapper.graphs.captures == 4 and 6 <= wrapper.graphs.replays <= 8
 
 
 @cuda
@@ -317,7 +318,8 @@ def test_frozen_inputs_and_absent_output_gradients_are_replayed_right():
         torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
         assert graphed[0].lora_A.grad is None
     (wrapper,) = _wrappers(graphed)
-    assert wrapper.graphs.captures == 2 and wrapper.graphs.replays in (5, 6)  # and a replay at each capture
+    # calls 2 to 4 replayed, forward and backward (but a thread's first capture, eager)
+    assert wrapper.graphs.captures == 2 and 4 <= wrapper.graphs.replays <= 6
 
 
 class AutocastLoRALayer(nn.Module):

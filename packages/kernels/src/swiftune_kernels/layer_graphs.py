@@ -11,7 +11,7 @@ How (:class:`LayerGraphs`, one per layer, kept by the checkpoint wrapper; the ba
 layer whose forward was replayed, so the same rules hold for both):
 - The first calls with a new input signature (shapes, dtypes, strides, the non-tensor arguments, autocast state and
   the layer's adapter state) run eagerly; the ``warmup``-th is captured on a side stream and replayed for its
-  result. Only the process's first capture runs its call eagerly on that stream first, to warm the stream up: an
+  result. Only a thread's first capture runs its call eagerly on that stream first, to warm the stream up: an
   eager run beside each capture would hold a layer's temporaries from the allocator next to the pool's.
 - Every layer's graphs, forward and backward, share one memory pool and one set of input and output buffers per
   signature: replays run one after another on one stream, so one layer's temporaries (the larger of its forward's
@@ -31,6 +31,7 @@ measured that way must add it. No Triton kernel: this is capture and caching plu
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -52,8 +53,10 @@ _CAPTURE = {"failed": False}
 _POOLS: dict[int, tuple] = {}
 _STREAMS: dict[int, torch.cuda.Stream] = {}
 _BUFFERS: dict[tuple, torch.Tensor] = {}
-# Devices whose capture stream has run a layer eagerly (its cuBLAS workspace made, its first launches done).
-_WARMED: set[int] = set()
+# (device, thread) pairs whose capture stream has run a layer eagerly: cuBLAS keeps a handle per thread and a
+# workspace per handle and stream, and one made under capture would come from the graphs' pool and outlive the graphs
+# there (the backward captures on autograd's device thread, the forward on the caller's).
+_WARMED: set[tuple[int, int]] = set()
 
 
 def _pool(device: torch.device):
@@ -265,14 +268,15 @@ class LayerGraphs:
         main, side = torch.cuda.current_stream(device), _stream(device)
         inputs = [_buffer("in", i, (t.shape, t.dtype, t.device)) for i, t in enumerate(tensors)]
         like = self._output_like.get(key)
-        if index in _WARMED and like is not None:
+        warmed = (index, threading.get_ident())
+        if warmed in _WARMED and like is not None:
             # The capture stream ran a layer before: capture at once and replay for this call's result. An eager
             # run here would hold its temporaries from the allocator beside the pool's (a layer's backward working
             # set twice, ~0.9 GiB at Llama-8B, batch 2 x 2048), the step's highest point.
             spec = outputs = None
             side.wait_stream(main)
         else:
-            # The first capture of the process: this call's result computed eagerly on the capture stream warms
+            # The first capture on this thread: this call's result computed eagerly on the capture stream warms
             # that stream up (its cuBLAS workspace and first launches), and is what this call returns.
             side.wait_stream(main)
             with torch.cuda.stream(side):
@@ -282,7 +286,7 @@ class LayerGraphs:
                 tensor.record_stream(side)
             for tensor in outputs:  # made on the side stream, used on the main one from now on
                 tensor.record_stream(main)
-            _WARMED.add(index)
+            _WARMED.add(warmed)
             like = [(o.shape, o.dtype, o.device) for o in outputs]
         # allocated here, outside the graphs' pool (an allocation under capture would come from it)
         shared_outputs = [_buffer("out", i, o) for i, o in enumerate(like)]
