@@ -58,3 +58,17 @@ def stack_grads():
     """``grads(layers, x, dy, checkpointed)``: the gradients of x and of every parameter of ``layers`` run one after
     the other on x, each through offloaded_checkpoint(offload=True) when ``checkpointed``, else plainly."""
     return _stack_grads
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "breaks_capture: the test makes a CUDA-graph capture fail, which switches captures off for the rest "
+        "of the process (layer_graphs); such tests run after all others.",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the tests that switch CUDA-graph captures off for the process last, so that tests in other files which
+    need captures (the layer graphs with slot parking) prove them whatever order the files are given in."""
+    items.sort(key=lambda item: item.get_closest_marker("breaks_capture") is not None)

@@ -115,14 +115,12 @@ def test_the_recompute_reads_the_gate_from_its_slot_with_the_very_gradients_of_a
     assert host.host_offload_bytes()[0] == 0 and host._HOST_BUDGET["shared"] == 0  # revert gave the buffers back
 
 
-def test_each_step_parks_again_and_stays_exact(base_matmuls, device):
+def test_each_step_parks_again_and_stays_exact(device):
     layers = _stack(2, device)
     x = torch.randn(3, HIDDEN, device=device)
     dy = torch.randn_like(x)
     want = _grads(layers, x, dy, "offload", steps=3)
-    base_matmuls.clear()
-    got = _grads(layers, x, dy, "offload", park=True, steps=3)
-    assert len(base_matmuls) == 3 * (2 * 3 + 2)
+    got = _grads(layers, x, dy, "offload", park=True, steps=3)  # on a GPU: eager, captured, replayed
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=0.0, rtol=0.0)
 

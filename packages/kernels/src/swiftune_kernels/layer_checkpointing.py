@@ -248,14 +248,16 @@ def apply_offloaded_checkpointing(
             and up; :mod:`swiftune_kernels.recompute_parking`). Same gradients, less GPU work, ~7x the PCIe traffic
             and host memory of the offloaded inputs, and one layer's parked tensors more at the peak. Off by default:
             on H100 hosts it cut the GPU time of an 8B QLoRA step by ~16% but the step time by 0-8%, and some
-            runs were slower (docs/BENCHMARKS.md). Also settable later on the handle.
+            runs were slower (docs/BENCHMARKS.md). With ``cuda_graphs`` the layers park through fixed device slots
+            instead (:mod:`swiftune_kernels.slot_parking`: the gate only, two slots of it on the device): on an
+            H100, 8B QLoRA at batch 2 x 2048, 12.1-12.4k tokens/s against 11.4-11.6k with the graphs alone.
+            Also settable later on the handle.
         cuda_graphs: on CUDA, capture each checkpointed layer's forward, and its recompute with backward, in CUDA
             graphs after two eager calls with the same input signature, and replay them from then on
             (:mod:`swiftune_kernels.layer_graphs`): the host issues one replay instead of the layer's hundreds of
-            launches. Not for layers with dropout while training or hooks on their submodules, nor with
-            ``park_intermediates``. One layer's temporaries then live in a memory pool of their own
-            (``layer_graphs.graph_pool_bytes()``). Off by default (docs/BENCHMARKS.md). Also settable later on the
-            handle.
+            launches. Not for layers with dropout while training or hooks on their submodules. One layer's
+            temporaries then live in a memory pool of their own (``layer_graphs.graph_pool_bytes()``). Off by
+            default (docs/BENCHMARKS.md). Also settable later on the handle.
 
     Returns:
         A handle whose ``revert()`` restores every original forward.
