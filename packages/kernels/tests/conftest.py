@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -72,3 +73,55 @@ def pytest_collection_modifyitems(config, items):
     """Run the tests that switch CUDA-graph captures off for the process last, so that tests in other files which
     need captures (the layer graphs with slot parking) prove them whatever order the files are given in."""
     items.sort(key=lambda item: item.get_closest_marker("breaks_capture") is not None)
+
+
+class TinyLoRAMLPLayer(nn.Module):
+    """A pre-norm residual block around lora_mlp, the way the patched Llama layer calls it: the recompute skips the
+    down projection (``output_needed=False``). Frozen base weights, six trainable adapters."""
+
+    def __init__(self, hidden: int, inter: int, rank: int):
+        super().__init__()
+        self.gate_w, self.up_w = (nn.Parameter(torch.randn(inter, hidden) / 4, requires_grad=False) for _ in "gu")
+        self.down_w = nn.Parameter(torch.randn(hidden, inter) / 6, requires_grad=False)
+        self.adapters = nn.ParameterList(
+            nn.Parameter(torch.randn(shape) / 3)
+            for shape in [(rank, hidden), (inter, rank), (rank, hidden), (inter, rank), (rank, inter), (hidden, rank)]
+        )
+
+    def forward(self, x):
+        from swiftune_kernels import lora_mlp, recomputing_for_backward
+
+        ga, gb, ua, ub, da, db = self.adapters
+        y = lora_mlp(
+            torch.tanh(x), self.gate_w, ga, gb, 0.5, self.up_w, ua, ub, 0.5, self.down_w, da, db, 0.5,
+            output_needed=not recomputing_for_backward(),
+        )  # fmt: skip
+        return x + y
+
+
+@pytest.fixture
+def lora_mlp_stack():
+    """``stack(n, device, hidden, inter, rank)``: n seeded :class:`TinyLoRAMLPLayer` layers in a ModuleList."""
+
+    def stack(n, device, hidden, inter, rank):
+        torch.manual_seed(0)
+        return nn.ModuleList(TinyLoRAMLPLayer(hidden, inter, rank) for _ in range(n)).to(device)
+
+    return stack
+
+
+@pytest.fixture
+def base_matmuls(monkeypatch):
+    """The weights' shapes of the base projections computed inside lora_mlp (its project_forward calls)."""
+    import importlib
+
+    mlp_module = importlib.import_module("swiftune_kernels.lora_mlp")
+    calls = []
+    original = mlp_module.project_forward
+
+    def counting(x2, weight, *args, **kwargs):
+        calls.append(weight.shape)
+        return original(x2, weight, *args, **kwargs)
+
+    monkeypatch.setattr(mlp_module, "project_forward", counting)
+    return calls

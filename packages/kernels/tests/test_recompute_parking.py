@@ -6,9 +6,8 @@ import importlib
 
 import pytest
 import torch
-from torch import nn
 
-from swiftune_kernels import apply_offloaded_checkpointing, lora_mlp, recomputing_for_backward
+from swiftune_kernels import apply_offloaded_checkpointing
 
 host = importlib.import_module("swiftune_kernels.offload_host_copy")
 parking = importlib.import_module("swiftune_kernels.recompute_parking")
@@ -25,31 +24,10 @@ def fresh_budget():
     host._HOST_BUDGET.update(pinned=0, bound=None, warned=False, shared=0)
 
 
-class TinyLoRAMLPLayer(nn.Module):
-    """A pre-norm residual block around lora_mlp, the way the patched Llama layer calls it: the recompute skips
-    the down projection (``output_needed=False``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate_w, self.up_w = (nn.Parameter(torch.randn(INTER, HIDDEN) / 4, requires_grad=False) for _ in "gu")
-        self.down_w = nn.Parameter(torch.randn(HIDDEN, INTER) / 6, requires_grad=False)
-        self.adapters = nn.ParameterList(
-            nn.Parameter(torch.randn(shape) / 3)
-            for shape in [(RANK, HIDDEN), (INTER, RANK), (RANK, HIDDEN), (INTER, RANK), (RANK, INTER), (HIDDEN, RANK)]
-        )
-
-    def forward(self, x):
-        ga, gb, ua, ub, da, db = self.adapters
-        y = lora_mlp(
-            torch.tanh(x), self.gate_w, ga, gb, 0.5, self.up_w, ua, ub, 0.5, self.down_w, da, db, 0.5,
-            output_needed=not recomputing_for_backward(),
-        )  # fmt: skip
-        return x + y
-
-
-def _stack(n, device):
-    torch.manual_seed(0)
-    return nn.ModuleList(TinyLoRAMLPLayer() for _ in range(n)).to(device)
+@pytest.fixture
+def stack(lora_mlp_stack):
+    """``stack(n, device)``: n tiny LoRA MLP layers of this file's sizes."""
+    return lambda n, device: lora_mlp_stack(n, device, HIDDEN, INTER, RANK)
 
 
 @pytest.fixture
@@ -77,22 +55,10 @@ def _grads(layers, x, dy, checkpointing=None, park=True):
     return [h.grad, *(p.grad for p in layers.parameters() if p.requires_grad)]
 
 
-@pytest.fixture
-def base_matmuls(monkeypatch):
-    """Count the base projections computed (project_forward calls inside lora_mlp)."""
-    calls = []
-    original = mlp_module.project_forward
-
-    def counting(x2, weight, *args, **kwargs):
-        calls.append(weight.shape)
-        return original(x2, weight, *args, **kwargs)
-
-    monkeypatch.setattr(mlp_module, "project_forward", counting)
-    return calls
-
-
-def test_parked_gate_and_up_give_the_same_gradients_without_being_computed_again(base_matmuls, steady_link, device):
-    layers = _stack(3, device)
+def test_parked_gate_and_up_give_the_same_gradients_without_being_computed_again(
+    base_matmuls, steady_link, device, stack
+):
+    layers = stack(3, device)
     x = torch.randn(2, 5, HIDDEN, device=device)
     dy = torch.randn_like(x)
     plain = _grads(layers, x, dy)
@@ -109,15 +75,15 @@ def test_parked_gate_and_up_give_the_same_gradients_without_being_computed_again
     assert host.host_offload_bytes()[0] == 0 and host._HOST_BUDGET["shared"] == 0
 
 
-def test_layers_kept_on_the_device_do_not_park(base_matmuls, steady_link, device):
-    layers = _stack(2, device)
+def test_layers_kept_on_the_device_do_not_park(base_matmuls, steady_link, device, stack):
+    layers = stack(2, device)
     x = torch.randn(3, HIDDEN, device=device)
     _grads(layers, x, torch.randn_like(x), "recompute", park=True)
     assert len(base_matmuls) == 2 * 3 + 2 * 2
 
 
-def test_parks_past_their_share_of_the_host_bound_are_recomputed(base_matmuls, steady_link, device):
-    layers = _stack(3, device)
+def test_parks_past_their_share_of_the_host_bound_are_recomputed(base_matmuls, steady_link, device, stack):
+    layers = stack(3, device)
     x = torch.randn(4, HIDDEN, device=device)
     dy = torch.randn_like(x)
     one_input = sum(host.host_piece_sizes(x.numel() * 4))
@@ -131,8 +97,8 @@ def test_parks_past_their_share_of_the_host_bound_are_recomputed(base_matmuls, s
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-def test_a_graph_freed_without_backward_gives_the_parked_bytes_back(steady_link, device):
-    layers = _stack(2, device)
+def test_a_graph_freed_without_backward_gives_the_parked_bytes_back(steady_link, device, stack):
+    layers = stack(2, device)
     handle = apply_offloaded_checkpointing(layers, policy="offload", park_intermediates=True)
     y = torch.randn(3, HIDDEN, device=device, requires_grad=True)
     for layer in layers:
@@ -161,8 +127,8 @@ def test_nothing_parks_outside_a_checkpointed_forward():
     assert parking.take_parked("a", torch.Size((2,)), torch.float32) is None
 
 
-def test_parking_is_off_by_default_and_the_handle_switches_it(base_matmuls, steady_link, device):
-    layers = _stack(2, device)
+def test_parking_is_off_by_default_and_the_handle_switches_it(base_matmuls, steady_link, device, stack):
+    layers = stack(2, device)
     handle = apply_offloaded_checkpointing(layers, policy="offload")
     try:
         for park, computed in ((False, 2 * 3 + 2 * 2), (True, 2 * 3)):  # off: gate and up recomputed
@@ -178,9 +144,9 @@ def test_parking_is_off_by_default_and_the_handle_switches_it(base_matmuls, stea
         handle.revert()
 
 
-def test_only_the_named_projections_are_parked(base_matmuls, monkeypatch, steady_link, device):
+def test_only_the_named_projections_are_parked(base_matmuls, monkeypatch, steady_link, device, stack):
     monkeypatch.setattr(mlp_module, "PARKED_PROJECTIONS", ("gate",))
-    layers = _stack(2, device)
+    layers = stack(2, device)
     x = torch.randn(3, HIDDEN, device=device)
     _grads(layers, x, torch.randn_like(x), "offload", park=True)
     assert len(base_matmuls) == 2 * 3 + 2  # up recomputed, gate taken back
@@ -218,8 +184,8 @@ def test_parking_pauses_while_the_downloads_fall_behind_the_compute(monkeypatch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host copies and side streams need CUDA")
-def test_cuda_parked_tensors_are_pinned_and_give_the_same_gradients():
-    layers = _stack(3, "cuda")
+def test_cuda_parked_tensors_are_pinned_and_give_the_same_gradients(stack):
+    layers = stack(3, "cuda")
     x = torch.randn(2, 64, HIDDEN, device="cuda")
     dy = torch.randn_like(x)
     pinned = []

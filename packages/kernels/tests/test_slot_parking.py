@@ -10,14 +10,12 @@ import importlib
 
 import pytest
 import torch
-from torch import nn
 
-from swiftune_kernels import apply_offloaded_checkpointing, lora_mlp, recomputing_for_backward
+from swiftune_kernels import apply_offloaded_checkpointing
 
 host = importlib.import_module("swiftune_kernels.offload_host_copy")
 slots = importlib.import_module("swiftune_kernels.slot_parking")
 parking = importlib.import_module("swiftune_kernels.recompute_parking")
-mlp_module = importlib.import_module("swiftune_kernels.lora_mlp")
 graphs_module = importlib.import_module("swiftune_kernels.layer_graphs")
 
 HIDDEN, INTER, RANK = 16, 40, 4
@@ -33,44 +31,10 @@ def fresh_state():
     slots.release_slots()
 
 
-class TinyLoRAMLPLayer(nn.Module):
-    """A pre-norm residual block around lora_mlp, as the patched Llama layer calls it (the recompute skips down)."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate_w, self.up_w = (nn.Parameter(torch.randn(INTER, HIDDEN) / 4, requires_grad=False) for _ in "gu")
-        self.down_w = nn.Parameter(torch.randn(HIDDEN, INTER) / 6, requires_grad=False)
-        self.adapters = nn.ParameterList(
-            nn.Parameter(torch.randn(shape) / 3)
-            for shape in [(RANK, HIDDEN), (INTER, RANK), (RANK, HIDDEN), (INTER, RANK), (RANK, INTER), (HIDDEN, RANK)]
-        )
-
-    def forward(self, x):
-        ga, gb, ua, ub, da, db = self.adapters
-        y = lora_mlp(
-            torch.tanh(x), self.gate_w, ga, gb, 0.5, self.up_w, ua, ub, 0.5, self.down_w, da, db, 0.5,
-            output_needed=not recomputing_for_backward(),
-        )  # fmt: skip
-        return x + y
-
-
-def _stack(n, device):
-    torch.manual_seed(0)
-    return nn.ModuleList(TinyLoRAMLPLayer() for _ in range(n)).to(device)
-
-
 @pytest.fixture
-def base_matmuls(monkeypatch):
-    """The base projections computed inside lora_mlp, by the projection's weight ("gate", "up", "down")."""
-    calls = []
-    original = mlp_module.project_forward
-
-    def counting(x2, weight, *args, **kwargs):
-        calls.append(weight.shape)
-        return original(x2, weight, *args, **kwargs)
-
-    monkeypatch.setattr(mlp_module, "project_forward", counting)
-    return calls
+def stack(lora_mlp_stack):
+    """``stack(n, device)``: n tiny LoRA MLP layers of this file's sizes."""
+    return lambda n, device: lora_mlp_stack(n, device, HIDDEN, INTER, RANK)
 
 
 def _forward(layers, x):
@@ -98,8 +62,8 @@ def _grads(layers, x, dy, policy=None, park=False, steps=1):
     return [h.grad, *(p.grad for p in layers.parameters() if p.requires_grad)]
 
 
-def test_the_recompute_reads_the_gate_from_its_slot_with_the_very_gradients_of_a_recompute(base_matmuls, device):
-    layers = _stack(3, device)  # layers 0 and 2 share a slot: layer 2's forward overwrites layer 0's gate there
+def test_the_recompute_reads_the_gate_from_its_slot_with_the_very_gradients_of_a_recompute(base_matmuls, device, stack):
+    layers = stack(3, device)  # layers 0 and 2 share a slot: layer 2's forward overwrites layer 0's gate there
     x = torch.randn(2, 5, HIDDEN, device=device)
     dy = torch.randn_like(x)
     plain = _grads(layers, x, dy)
@@ -115,8 +79,8 @@ def test_the_recompute_reads_the_gate_from_its_slot_with_the_very_gradients_of_a
     assert host.host_offload_bytes()[0] == 0 and host._HOST_BUDGET["shared"] == 0  # revert gave the buffers back
 
 
-def test_each_step_parks_again_and_stays_exact(device):
-    layers = _stack(2, device)
+def test_each_step_parks_again_and_stays_exact(device, stack):
+    layers = stack(2, device)
     x = torch.randn(3, HIDDEN, device=device)
     dy = torch.randn_like(x)
     want = _grads(layers, x, dy, "offload", steps=3)
@@ -125,8 +89,8 @@ def test_each_step_parks_again_and_stays_exact(device):
         torch.testing.assert_close(g, w, atol=0.0, rtol=0.0)
 
 
-def test_a_backward_after_a_second_forward_of_its_layers_computes_the_gate_again(base_matmuls, device):
-    layers = _stack(2, device)
+def test_a_backward_after_a_second_forward_of_its_layers_computes_the_gate_again(base_matmuls, device, stack):
+    layers = stack(2, device)
     xa, xb = torch.randn(3, HIDDEN, device=device), torch.randn(3, HIDDEN, device=device)
     handle = apply_offloaded_checkpointing(layers, "offload", park_intermediates=True, cuda_graphs=True)
     try:
@@ -149,8 +113,8 @@ def test_a_backward_after_a_second_forward_of_its_layers_computes_the_gate_again
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-def test_layers_kept_on_the_device_and_the_default_do_not_park(base_matmuls, device):
-    layers = _stack(2, device)
+def test_layers_kept_on_the_device_and_the_default_do_not_park(base_matmuls, device, stack):
+    layers = stack(2, device)
     x = torch.randn(3, HIDDEN, device=device)
     _grads(layers, x, torch.randn_like(x), "recompute", park=True)
     assert len(base_matmuls) == 2 * 3 + 2 * 2 and not slots._SLOTS
@@ -159,8 +123,8 @@ def test_layers_kept_on_the_device_and_the_default_do_not_park(base_matmuls, dev
     assert len(base_matmuls) == 2 * 3 + 2 * 2 and not slots._SLOTS
 
 
-def test_host_buffers_past_the_parking_share_are_refused_and_the_gate_recomputed(base_matmuls, device):
-    layers = _stack(3, device)
+def test_host_buffers_past_the_parking_share_are_refused_and_the_gate_recomputed(base_matmuls, device, stack):
+    layers = stack(3, device)
     x = torch.randn(4, HIDDEN, device=device)
     dy = torch.randn_like(x)
     one_input = sum(host.host_piece_sizes(x.numel() * 4))
@@ -176,8 +140,8 @@ def test_host_buffers_past_the_parking_share_are_refused_and_the_gate_recomputed
         torch.testing.assert_close(g, w, atol=0.0, rtol=0.0)
 
 
-def test_a_forward_without_backward_keeps_its_buffers_until_revert(device):
-    layers = _stack(2, device)
+def test_a_forward_without_backward_keeps_its_buffers_until_revert(device, stack):
+    layers = stack(2, device)
     handle = apply_offloaded_checkpointing(layers, policy="offload", park_intermediates=True, cuda_graphs=True)
     _, y = _forward(layers, torch.randn(3, HIDDEN, device=device))
     assert host._HOST_BUDGET["shared"] == 2 * 3 * INTER * 4  # two layers' gates, kept for the next steps
@@ -211,8 +175,8 @@ def test_a_forward_lot_parks_only_the_named_tensors_once_and_copies_at_once():
     assert buffer is not slots._SLOTS[lot.parked[0]].buffer and other.parked[0][-1] == 1
 
 
-def test_the_mlp_writes_parked_gate_and_up_into_their_slots_and_its_activation_elsewhere(monkeypatch, device):
-    layer = _stack(1, device)[0]
+def test_the_mlp_writes_parked_gate_and_up_into_their_slots_and_its_activation_elsewhere(monkeypatch, device, stack):
+    layer = stack(1, device)[0]
     x = torch.randn(3, HIDDEN, device=device)
     with torch.no_grad():
         want = layer(x)
@@ -236,8 +200,8 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph
 
 
 @cuda_only
-def test_cuda_replayed_layers_park_through_their_slots_and_match_eager(base_matmuls):
-    layers = _stack(4, "cuda")
+def test_cuda_replayed_layers_park_through_their_slots_and_match_eager(base_matmuls, stack):
+    layers = stack(4, "cuda")
     x = torch.randn(2, 64, HIDDEN, device="cuda")
     dy = torch.randn_like(x)
     want = _grads(layers, x, dy, "offload", steps=5)  # graphs without parking
@@ -260,10 +224,10 @@ def test_cuda_replayed_layers_park_through_their_slots_and_match_eager(base_matm
 
 
 @cuda_only
-def test_cuda_a_slow_device_still_reads_each_layers_own_gate():
+def test_cuda_a_slow_device_still_reads_each_layers_own_gate(stack):
     """The host queues the whole step while the device sleeps first: every slot write, copy and read must be ordered
     by the events alone."""
-    layers = _stack(6, "cuda")
+    layers = stack(6, "cuda")
     x = torch.randn(2, 256, HIDDEN, device="cuda")
     dy = torch.randn_like(x)
     want = _grads(layers, x, dy, "offload", steps=4)
