@@ -256,6 +256,8 @@ class LayerParking:
 
     def release(self) -> None:
         """Give back the host buffers and their count against the host bound."""
+        if any(host.is_pinned() for host in self._host.values()):
+            torch.cuda.synchronize()  # a copy may still be writing or reading one: wait before it is unregistered
         self._host.clear()
         self._parked, self._uploaded, self._ready = (), None, None
         if self._reserved:
@@ -265,5 +267,5 @@ class LayerParking:
     def __del__(self) -> None:
         try:
             self.release()
-        except (AttributeError, TypeError):  # at interpreter exit, module globals may already be gone
+        except (AttributeError, TypeError, RuntimeError):  # at interpreter exit, globals or CUDA may be gone
             pass
