@@ -247,7 +247,10 @@ class LayerGraphs:
             return self._replay(entry, tensors)
         calls = self._eager_calls.get(key, 0) + 1
         full = len(self._graphs) >= self.max_graphs
-        if entry is _UNCAPTURABLE or calls < self.warmup or full or _CAPTURE["failed"]:
+        if entry is _UNCAPTURABLE or full or _CAPTURE["failed"]:
+            self._eager_calls[key] = calls
+            return run(hidden_states, arg_tensors)
+        if calls < self.warmup:  # a warm-up call: its outputs' shapes are what the capture's buffers take
             self._eager_calls[key] = calls
             spec, outputs = run(hidden_states, arg_tensors)
             self._output_like[key] = [(o.shape, o.dtype, o.device) for o in outputs]

@@ -233,27 +233,24 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         token = _CHECKPOINTED_FORWARD.set(plan.whole_layer and not graphed)
         try:
             ctx.graph_state = None
-            if parking is not None:
+            run = plan.run
+            if parking is not None:  # its spec also says which slots it filled
                 parking.before_forward(device)
                 run = parking.wrap_forward(plan.run)
-                if graphed:
-                    graphs, state, _ = plan.graphs
-                    ctx.graph_state = state = (
-                        spec_key(plan.spec), tuple(ctx.autocast), state, parking.signature()
-                    )  # fmt: skip
-                    (plan.output_spec, parked), out_tensors = graphs.run(run, hidden_states, list(arg_tensors), state)
-                else:
-                    (plan.output_spec, parked), out_tensors = run(hidden_states, arg_tensors)
+            if graphed:
+                graphs, state, _ = plan.graphs
+                signature = None if parking is None else parking.signature()
+                ctx.graph_state = state = (spec_key(plan.spec), tuple(ctx.autocast), state, signature)
+                spec, out_tensors = graphs.run(run, hidden_states, list(arg_tensors), state)
+            else:
+                with parking_for_forward(ctx.lot):
+                    spec, out_tensors = run(hidden_states, arg_tensors)
+            if parking is not None:
+                spec, parked = spec
                 ctx.park_generation = parking.after_forward(parked)
                 if ctx.park_generation is not None:
                     ctx.host_copy.followers.append(parking)  # its upload starts with the input's
-            elif graphed:
-                graphs, state, _ = plan.graphs
-                ctx.graph_state = state = (spec_key(plan.spec), tuple(ctx.autocast), state)
-                plan.output_spec, out_tensors = graphs.run(plan.run, hidden_states, list(arg_tensors), state)
-            else:
-                with parking_for_forward(ctx.lot):
-                    plan.output_spec, out_tensors = plan.run(hidden_states, arg_tensors)
+            plan.output_spec = spec
         finally:
             _CHECKPOINTED_FORWARD.reset(token)
         if not out_tensors:
