@@ -173,13 +173,25 @@ def optimizer_for(model) -> torch.optim.Optimizer:
 def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, profile: bool = False) -> dict:
     """Run ``warmup + steps`` full optimizer steps; median step time, peak memory, the losses of each step."""
     cuda = torch.cuda.is_available()
+    recorder = None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        if warmup:  # the warm-up steps (first calls, graph captures) from the allocator's trace: see held_gib below
+            from memory_trace import HeldRecorder
+
+            recorder = HeldRecorder()
+            recorder.start()
     times, losses = [], []
     host_before = device_before = None
+    held_warmup = warmup_allocated = 0
     collections = _GarbageCollections()
     for step in range(warmup + steps):
         if step == warmup:
+            if recorder is not None:
+                held_warmup = recorder.stop()
+                recorder = None
+                warmup_allocated = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
             host_before = _pinned_pool_growth()
             device_before = _device_pool_events()
             gc.callbacks.append(collections)
@@ -196,12 +208,23 @@ def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, 
         losses.append(float(loss))
         if step >= warmup:
             times.append(time.perf_counter() - start)
+    if recorder is not None:  # no timed step ran
+        held_warmup = recorder.stop()
+        warmup_allocated = torch.cuda.max_memory_allocated()
     pool = _graph_pool_bytes() if cuda else 0
+    allocated = max(torch.cuda.max_memory_allocated(), warmup_allocated) if cuda else 0
     out = {
         "step_s": statistics.median(times) if times else None,
         "step_s_all": [round(t, 4) for t in times],
-        # plus the pool of swiftune's layer graphs, whose temporaries the allocated count no longer holds
-        "peak_gib": round((torch.cuda.max_memory_allocated() + pool) / 2**30, 2) if cuda else None,
+        # The whole run's most allocated, plus the free blocks of swiftune's layer-graph pool at the end (memory held
+        # apart that the allocated count leaves out): an upper bound, which counts twice what a capture allocated
+        # from the pool (allocated during the capture, free in the pool after it).
+        "peak_gib": round((allocated + pool) / 2**30, 2) if cuda else None,
+        # What the run held: tensors plus the pool's reserved memory, event by event over the warm-up steps
+        # (memory_trace), and the timed steps' most allocated plus the pool's free blocks (exact there: the pool no
+        # longer changes once captured; graph_captures says whether a timed step captured). Without a pool it is
+        # the most allocated, as peak_gib.
+        "held_gib": round(max(held_warmup, torch.cuda.max_memory_allocated() + pool) / 2**30, 2) if cuda else None,
         "graph_pool_gib": round(pool / 2**30, 3) if cuda else None,
         "losses": [round(x, 5) for x in losses],
         "first_loss": round(losses[0], 5),

@@ -15,6 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from memory_trace import active_blocks, held_peak, pool_ranges  # noqa: E402
+
 GIB = 2**30
 # Frames from these files say who asked for the memory; the first such frame (innermost) names an allocation.
 OURS = ("swiftune_", "bench/perf", "transformers/", "peft/", "torch/optim", "torch/autograd")
@@ -28,18 +30,6 @@ def owner(frames: list[dict]) -> str:
             short = name.split("site-packages/")[-1].split("/src/")[-1]
             return f"{short}:{frame.get('line')} {frame.get('name')}"
     return "(other)" if frames else "(C++ only: autograd engine or kernel workspace)"
-
-
-def active_blocks(snapshot: dict) -> dict[int, int]:
-    """{address: size} of the blocks allocated when ``snapshot`` was taken (all pools, graph pools included)."""
-    blocks = {}
-    for segment in snapshot["segments"]:
-        address = segment["address"]
-        for block in segment["blocks"]:
-            if block["state"].startswith("active"):
-                blocks[address] = block["size"]
-            address += block["size"]
-    return blocks
 
 
 def live_at_peak(before: dict[int, int], events: list[dict]) -> tuple[int, int, dict[int, dict]]:
@@ -71,13 +61,39 @@ def main() -> None:
 
     parser = idle_profile.step_arguments(__doc__)
     parser.add_argument("--top", type=int, default=18)
+    parser.add_argument(
+        "--warm-steps", type=int, default=4, help="steps before the traced one (1: trace the graphs' capture step)"
+    )
+    parser.add_argument(
+        "--warm-with-layer",
+        action="store_true",
+        help="A/B: a thread's first capture runs its layer eagerly on the capture stream (the ninth round's way)",
+    )
     args = parser.parse_args()
+    if args.warm_with_layer:
+        import threading
+
+        from swiftune_kernels import layer_graphs
+
+        def warmed_by_a_layer_run(side, device) -> bool:
+            return (device.index or 0, threading.get_ident()) in layer_graphs._WARMED
+
+        layer_graphs._warm_capture_stream = warmed_by_a_layer_run
     model, loss_of, optimizer, batch = idle_profile.setup(args)
-    idle_profile.issue_times(loss_of, model, optimizer, batch, 4)  # warm-up (and the graphs' captures)
+    for step in range(args.warm_steps):  # warm-up (and the graphs' captures)
+        torch.cuda.reset_peak_memory_stats()
+        idle_profile.issue_times(loss_of, model, optimizer, batch, 1)
+        graphs = sys.modules.get("swiftune_kernels.layer_graphs")
+        pool = graphs.graph_pool_bytes() if graphs else 0
+        print(
+            f"  warm-up step {step}: peak {torch.cuda.max_memory_allocated() / GIB:.3f} GiB allocated, pool free"
+            f" {pool / GIB:.3f} GiB, sum {(torch.cuda.max_memory_allocated() + pool) / GIB:.3f} GiB"
+        )
     torch.cuda.synchronize()
     start = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    before = active_blocks(torch.cuda.memory._snapshot())
+    first = torch.cuda.memory._snapshot()
+    before = active_blocks(first)
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     idle_profile.issue_times(loss_of, model, optimizer, batch, 1)
     snapshot = torch.cuda.memory._snapshot()
@@ -106,6 +122,13 @@ def main() -> None:
             reverse=True,
         )
         print(f"  graph pool segments (MiB): {sizes[:24]}; free blocks (MiB): {free[:24]}")
+        before_pool = sum(end - start for start, end in pool_ranges(first, pools))
+        held, held_index = held_peak(before, before_pool, events, pool_ranges(snapshot, pools))
+        held_by = owner(events[held_index].get("frames", [])) if held_index >= 0 else "(before the step)"
+        print(
+            f"  held (allocated outside the pool + the pool's segments, event by event): peak {held / GIB:.3f} GiB"
+            f" at event {held_index}, an allocation by {held_by}"
+        )
     ranked = sorted(by_owner.items(), key=lambda kv: -sum(kv[1]))
     for name, sizes in ranked[: args.top]:
         print(f"  {sum(sizes) / 2**20:>9.1f} MiB in {len(sizes):>4} blocks  {name}")

@@ -133,6 +133,22 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
                 "park": "gate",
             }
         ],
+        # The record row of the ninth round against unsloth in turn (A, B, A, B), with held memory (memory_trace) and
+        # the graphs' captures warmed by matmuls instead of a layer run.
+        "held8b": [
+            {**eight_q, **run}
+            for _ in range(2)
+            for run in (
+                {"system": "unsloth", "limit": 280},
+                {
+                    "system": "swiftune",
+                    "graphs": True,
+                    "offload_embeddings": True,
+                    "checkpointing": "0.1",
+                    "park": "gate",
+                },
+            )
+        ],
         # checkpointed layers (forward, recompute and backward) replayed from CUDA graphs, against eager, in turn
         "graph8b": [{**eight_q, "system": "unsloth", "limit": 280}]
         + [
@@ -290,6 +306,7 @@ def main() -> None:
         "graph8b",
         "embed8b",
         "slot8b",
+        "held8b",
         "final1b",
         "final8b",
         "curve",

@@ -41,7 +41,8 @@ def print_summary(results: list[dict], peak_tflops: float | None, out_dir: Path 
         unsloth = by.get("unsloth")
         print(f"\n{shape} {'QLoRA nf4' if quant == 'nf4' else 'LoRA bf16'}, batch {batch} x {seq}")
         print(
-            f"{'system':<26}{'tokens/s':>10}{'peak GiB':>10}{'x peft':>8}{'x unsloth':>10}{'MFU':>7}{'loss0':>9}  modes"
+            f"{'system':<26}{'tokens/s':>10}{'peak GiB':>10}{'held GiB':>10}{'x peft':>8}{'x unsloth':>10}"
+            f"{'MFU':>7}{'loss0':>9}  modes"
         )
         for r in rows:
             ratio_p = f"{r['tokens_per_s'] / peft['tokens_per_s']:.2f}" if peft else "-"
@@ -49,13 +50,14 @@ def print_summary(results: list[dict], peak_tflops: float | None, out_dir: Path 
             mfu = f"{r['model_tflops'] / peak_tflops:.0%}" if peak_tflops else "-"
             modes = r.get("checkpoint_modes", "")
             print(
-                f"{label(r):<26}{r['tokens_per_s']:>10.0f}{str(r.get('peak_gib')):>10}{ratio_p:>8}{ratio_u:>10}"
+                f"{label(r):<26}{r['tokens_per_s']:>10.0f}{str(r.get('peak_gib')):>10}{str(r.get('held_gib')):>10}{ratio_p:>8}{ratio_u:>10}"
                 f"{mfu:>7}{r['first_loss']:>9.4f}  {modes or ''}"
             )
         losses = [r["first_loss"] for r in rows]
         spread = max(losses) - min(losses)
         print(
-            f"first-step loss spread {spread:.4f} ({'agree' if spread < 0.02 else 'DISAGREE'}); MFU = {MFU_CONVENTION}"
+            f"first-step loss spread {spread:.4f} ({'agree' if spread < 0.02 else 'DISAGREE'}); MFU = {MFU_CONVENTION};"
+            " peak: most allocated + graph pool (an upper bound); held: the same event by event (memory_trace)"
         )
     for r in results:
         if "skipped" in r or "error" in r or "timeout_s" in r or r.get("oom"):

@@ -185,7 +185,9 @@ def measure(args, model, loss_of, config) -> None:
         tokens_per_s = batch_size * seq / out["step_s"] if out["step_s"] else None
         flops = matmul_flops_per_token(config, recompute=False)  # model FLOPs: recompute is not credited
         result = {**base, "batch": batch_size, "seq": seq, "tokens_per_s": round(tokens_per_s or 0, 1)}
-        result.update(step_s=out["step_s"], peak_gib=out["peak_gib"], first_loss=out["first_loss"])
+        result.update(
+            step_s=out["step_s"], peak_gib=out["peak_gib"], held_gib=out["held_gib"], first_loss=out["first_loss"]
+        )
         result["losses"] = out["losses"]
         if args.graphs:  # graphs captured and replays run, over all layers (the warm-up steps included)
             wrappers = [getattr(m.__dict__.get("forward"), "graphs", None) for m in model.modules()]
@@ -246,7 +248,14 @@ def probe_context(args, model, loss_of, optimizer, config, base) -> None:
             out = time_steps(loss_of, model, optimizer, random_batch(config.vocab_size, 1, seq), 0, 1)
             ok = True
             emit(
-                {**base, "ctx": seq, "fits": True, "peak_gib": out["peak_gib"], "wall_s": round(time.time() - start, 1)}
+                {
+                    **base,
+                    "ctx": seq,
+                    "fits": True,
+                    "peak_gib": out["peak_gib"],
+                    "held_gib": out["held_gib"],
+                    "wall_s": round(time.time() - start, 1),
+                }
             )
             last = (seq, time.time() - start)
         except torch.OutOfMemoryError:

@@ -11,8 +11,9 @@ How (:class:`LayerGraphs`, one per layer, kept by the checkpoint wrapper; the ba
 layer whose forward was replayed, so the same rules hold for both):
 - The first calls with a new input signature (shapes, dtypes, strides, the non-tensor arguments, autocast state and
   the layer's adapter state) run eagerly; the ``warmup``-th is captured on a side stream and replayed for its
-  result. Only a thread's first capture runs its call eagerly on that stream first, to warm the stream up: an
-  eager run beside each capture would hold a layer's temporaries from the allocator next to the pool's.
+  result, without an eager run beside it (that run's temporaries, from the allocator next to the pool's, were the
+  step's highest point). Before a thread's first capture, two tiny matmuls on the capture stream make cuBLAS's
+  workspaces there, which a capture would otherwise take from the pool.
 - Every layer's graphs, forward and backward, share one memory pool and one set of input and output buffers per
   signature: replays run one after another on one stream, so one layer's temporaries (the larger of its forward's
   and its backward's) are all the pool holds, and the backward's temporaries no longer come from the allocator
@@ -53,9 +54,9 @@ _CAPTURE = {"failed": False}
 _POOLS: dict[int, tuple] = {}
 _STREAMS: dict[int, torch.cuda.Stream] = {}
 _BUFFERS: dict[tuple, torch.Tensor] = {}
-# (device, thread) pairs whose capture stream has run a layer eagerly: cuBLAS keeps a handle per thread and a
-# workspace per handle and stream, and one made under capture would come from the graphs' pool and outlive the graphs
-# there (the backward captures on autograd's device thread, the forward on the caller's).
+# (device, thread) pairs whose capture stream has run matmuls outside a capture: cuBLAS keeps a handle per thread and
+# a workspace per handle and stream, and one made under capture would come from the graphs' pool and outlive the
+# graphs there (the backward captures on autograd's device thread, the forward on the caller's).
 _WARMED: set[tuple[int, int]] = set()
 
 
@@ -71,6 +72,29 @@ def _stream(device: torch.device) -> torch.cuda.Stream:
     if index not in _STREAMS:
         _STREAMS[index] = torch.cuda.Stream(device)
     return _STREAMS[index]
+
+
+def _warm_capture_stream(side: torch.cuda.Stream, device: torch.device) -> bool:
+    """Make sure this thread's cuBLAS handle has its workspace for ``side`` before anything is captured on it.
+
+    PyTorch allocates a cuBLAS (and cuBLASLt) workspace per handle and stream at the first matmul there; made under
+    capture it would come from the graphs' pool and stay there after the graphs are gone (the pool grows by it, and
+    a later capture into that pool can fail). Handles are per thread: the backward captures on autograd's device
+    thread, the forward on the caller's. Two tiny matmuls on the stream, a plain one and one with a bias (cuBLASLt's
+    path), make both workspaces, without running a whole layer eagerly beside the pool. True once done.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    warmed = (index, threading.get_ident())
+    if warmed not in _WARMED:
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.autocast(device_type="cuda", enabled=False):
+            for dtype in (torch.bfloat16, torch.float32):
+                a = torch.ones(16, 16, dtype=dtype, device=device)
+                torch.addmm(a[0], a, a)
+                torch.mm(a, a)
+        torch.cuda.current_stream(device).wait_stream(side)
+        _WARMED.add(warmed)
+    return True
 
 
 def graph_pool_bytes() -> int:
@@ -271,16 +295,15 @@ class LayerGraphs:
         main, side = torch.cuda.current_stream(device), _stream(device)
         inputs = [_buffer("in", i, (t.shape, t.dtype, t.device)) for i, t in enumerate(tensors)]
         like = self._output_like.get(key)
-        warmed = (index, threading.get_ident())
-        if warmed in _WARMED and like is not None:
-            # The capture stream ran a layer before: capture at once and replay for this call's result. An eager
-            # run here would hold its temporaries from the allocator beside the pool's (a layer's backward working
-            # set twice, ~0.9 GiB at Llama-8B, batch 2 x 2048), the step's highest point.
+        if like is not None and _warm_capture_stream(side, device):
+            # Capture at once and replay for this call's result. An eager run here would hold its temporaries from
+            # the allocator beside the pool's (a layer's backward working set twice, ~0.9 GiB at Llama-8B, batch
+            # 2 x 2048), the step's highest point.
             spec = outputs = None
             side.wait_stream(main)
         else:
-            # The first capture on this thread: this call's result computed eagerly on the capture stream warms
-            # that stream up (its cuBLAS workspace and first launches), and is what this call returns.
+            # No warm-up call told the outputs' shapes (warmup=1): this call's result is computed eagerly on the
+            # capture stream, which also warms that stream up, and is what this call returns.
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 spec, outputs = run(tensors[0], tensors[1:])
@@ -289,7 +312,7 @@ class LayerGraphs:
                 tensor.record_stream(side)
             for tensor in outputs:  # made on the side stream, used on the main one from now on
                 tensor.record_stream(main)
-            _WARMED.add(warmed)
+            _WARMED.add((index, threading.get_ident()))
             like = [(o.shape, o.dtype, o.device) for o in outputs]
         # allocated here, outside the graphs' pool (an allocation under capture would come from it)
         shared_outputs = [_buffer("out", i, o) for i, o in enumerate(like)]
