@@ -102,25 +102,22 @@ def _build_swiftune(system: str, folder: Path, quant: bool, max_seq: int, overri
         fast_path=True,
         **options,
     )
-    if CHECKPOINTING.get("offload_embeddings"):  # the frozen input embedding's table in host memory
+    # The library's options (FastLanguageModel.get_peft_model): the frozen input embedding's table in host memory;
+    # checkpointed layers replayed from CUDA graphs; offloaded layers parking MLP intermediates for the recompute.
+    if CHECKPOINTING.get("offload_embeddings"):
         options["offload_embeddings"] = True
+    if CHECKPOINTING.get("graphs"):
+        options["cuda_graphs"] = True
+    if CHECKPOINTING.get("park"):
+        options["park_intermediates"] = True
+        # which projections (the library's: gate and up without graphs, gate with them): for A/B runs only
+        importlib.import_module("swiftune_kernels.lora_mlp").PARKED_PROJECTIONS = CHECKPOINTING["park"]
+        importlib.import_module("swiftune_kernels.slot_parking").SLOT_PARKED = CHECKPOINTING["park"]
     model = FastLanguageModel.get_peft_model(model, **LORA, target_modules=TARGETS, **options)
     if CHECKPOINTING.get("no_skip"):  # A/B: recompute the MLP's down projection as before
         for module in model.modules():
             if hasattr(module, "_swiftune_output_to_residual"):
                 module._swiftune_output_to_residual = False
-    if CHECKPOINTING.get("park"):  # offloaded layers park the MLP's gate and/or up for the recompute (opt-in)
-        importlib.import_module("swiftune_kernels.lora_mlp").PARKED_PROJECTIONS = CHECKPOINTING["park"]
-        importlib.import_module("swiftune_kernels.slot_parking").SLOT_PARKED = CHECKPOINTING["park"]  # with graphs
-        for module in model.modules():
-            handle = module.__dict__.get("_swiftune_offload")
-            if handle is not None:
-                getattr(handle, "handle", handle).park_intermediates = True
-    if CHECKPOINTING.get("graphs"):  # checkpointed layers replay their forward from CUDA graphs
-        for module in model.modules():
-            handle = module.__dict__.get("_swiftune_offload")
-            if handle is not None:
-                getattr(handle, "handle", handle).cuda_graphs = True
     model.train()
     return model, lambda m, b: fused_causal_lm_loss(m, b)
 

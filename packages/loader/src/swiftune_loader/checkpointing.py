@@ -69,6 +69,20 @@ def replay_from_cuda_graphs(model) -> None:
     getattr(handle, "handle", handle).cuda_graphs = True
 
 
+def park_for_recompute(model) -> None:
+    """Let the layers of ``model`` whose input is offloaded also park the fused LoRA MLP's gate (and, without CUDA
+    graphs, up) in host memory for their recompute, instead of computing them again
+    (:mod:`swiftune_kernels.recompute_parking`, :mod:`swiftune_kernels.slot_parking`). Needs swiftune's
+    checkpointing ("offload", "auto" or a GiB budget)."""
+    handle = model.__dict__.get("_swiftune_offload")
+    if handle is None:
+        raise ValueError(
+            "park_intermediates parks what swiftune's checkpointed layers recompute; use use_gradient_checkpointing="
+            '"offload", "auto" or a GiB budget with it (True and False do not checkpoint through swiftune).'
+        )
+    getattr(handle, "handle", handle).park_intermediates = True
+
+
 def disable_checkpointing(model):
     """Turn off whichever checkpointing is on; returns the mode that was on (True, "offload" or False)."""
     offload = model.__dict__.pop("_swiftune_offload", None)

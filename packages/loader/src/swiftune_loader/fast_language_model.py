@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from swiftune_loader.checkpointing import enable_checkpointing, replay_from_cuda_graphs
+from swiftune_loader.checkpointing import enable_checkpointing, park_for_recompute, replay_from_cuda_graphs
 from swiftune_loader.embedding_offload import check_offloadable, offload_input_embeddings
 from swiftune_loader.inference_mode import enter_inference, enter_training
 from swiftune_loader.loading_options import (
@@ -161,6 +161,7 @@ class FastLanguageModel:
         layers_to_transform: list[int] | None = None,
         offload_embeddings: bool = False,
         cuda_graphs: bool = False,
+        park_intermediates: bool = False,
         **kwargs,
     ):
         """Wrap ``model`` with LoRA adapters (a peft ``PeftModel``); only the adapters are trained.
@@ -192,6 +193,14 @@ class FastLanguageModel:
                 (:mod:`swiftune_kernels.layer_graphs`), so that a step does not wait on the host. Costs one layer's
                 backward working set, held apart (~0.9 GiB at Llama-8B, batch 2 x 2048); layers with dropout or
                 hooks stay eager. Needs swiftune's checkpointing ("offload", "auto" or a GiB budget).
+            park_intermediates: layers whose input is offloaded also park the fused LoRA MLP's gate pre-activation
+                in pinned host memory during the forward, and the recompute takes it back instead of computing it
+                (one matmul and, under QLoRA, one dequantization less per layer; identical gradients). With
+                ``cuda_graphs`` it goes through two fixed device slots (:mod:`swiftune_kernels.slot_parking`);
+                without, up is parked too (:mod:`swiftune_kernels.recompute_parking`). Uses the host link and host
+                memory (one gate a layer: 112 MiB at Llama-8B, batch 2 x 2048). The fastest 8B QLoRA setting
+                measured (docs/BENCHMARKS.md): ``use_gradient_checkpointing=0.1, offload_embeddings=True,
+                cuda_graphs=True, park_intermediates=True``. Needs swiftune's checkpointing.
             **kwargs: passed on to peft's ``LoraConfig`` (e.g. use_dora=True).
 
         Returns:
@@ -218,11 +227,12 @@ class FastLanguageModel:
             else use_gradient_checkpointing
         )
         check_gradient_checkpointing(checkpointing)
-        if cuda_graphs and checkpointing in (True, False):
-            raise ValueError(
-                f"cuda_graphs replays swiftune's checkpointed layers, and use_gradient_checkpointing={checkpointing!r}"
-                ' does not use them; pass "offload", "auto" or a GiB budget.'
-            )
+        for option, on in (("cuda_graphs", cuda_graphs), ("park_intermediates", park_intermediates)):
+            if on and checkpointing in (True, False):
+                raise ValueError(
+                    f"{option} works on swiftune's checkpointed layers, and use_gradient_checkpointing="
+                    f'{checkpointing!r} does not use them; pass "offload", "auto" or a GiB budget.'
+                )
         if offload_embeddings:
             if kwargs.get("trainable_token_indices"):
                 raise ValueError("trainable_token_indices trains embedding rows; leave offload_embeddings off.")
@@ -241,6 +251,8 @@ class FastLanguageModel:
         enable_checkpointing(model, checkpointing)  # after the offload: an "auto" plan sees the memory it frees
         if cuda_graphs:
             replay_from_cuda_graphs(model)
+        if park_intermediates:
+            park_for_recompute(model)
         config = LoraConfig(
             r=r,
             lora_alpha=lora_alpha,
