@@ -190,6 +190,7 @@ def time_steps(loss_of, model, optimizer, batch: dict, warmup: int, steps: int, 
             if recorder is not None:
                 held_warmup = recorder.stop()
                 recorder = None
+                gc.collect()  # the trace's ~10^5 event dicts: their collection is not the timed steps' to pay
                 warmup_allocated = torch.cuda.max_memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             host_before = _pinned_pool_growth()
