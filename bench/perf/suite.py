@@ -149,6 +149,12 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
                 },
             )
         ],
+        # The memory-aware mode ("auto": keeps as many layers as 80 GB allow) against unsloth in the same call, at
+        # unsloth's batch 2 and at batch 4 (both systems).
+        "aware8b": [
+            {**eight_q, "system": "unsloth", "points": "2x2048,4x2048", "limit": 280},
+            {**eight_q, "system": "swiftune-auto", "points": "2x2048,4x2048", "limit": 260},
+        ],
         # checkpointed layers (forward, recompute and backward) replayed from CUDA graphs, against eager, in turn
         "graph8b": [{**eight_q, "system": "unsloth", "limit": 280}]
         + [
@@ -307,6 +313,7 @@ def main() -> None:
         "embed8b",
         "slot8b",
         "held8b",
+        "aware8b",
         "final1b",
         "final8b",
         "curve",
