@@ -149,6 +149,12 @@ def calls(smoke: bool, extra_shapes: bool) -> dict[str, list[dict]]:
                 },
             )
         ],
+        # 1B LoRA: unsloth and the memory-aware mode with a 1.2 GiB budget (the fourth round's record row) in turn.
+        "held1b": [
+            {**one_b, **run}
+            for _ in range(2)
+            for run in ({"system": "unsloth", "limit": 260}, {"system": "swiftune", "checkpointing": "1.2"})
+        ],
         # The memory-aware mode ("auto": keeps as many layers as 80 GB allow) against unsloth in the same call, at
         # unsloth's batch 2 and at batch 4 (both systems).
         "aware8b": [
@@ -313,6 +319,7 @@ def main() -> None:
         "embed8b",
         "slot8b",
         "held8b",
+        "held1b",
         "aware8b",
         "final1b",
         "final8b",
