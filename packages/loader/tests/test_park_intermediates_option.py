@@ -1,10 +1,10 @@
 """get_peft_model(park_intermediates=True): swiftune's checkpointed layers park the fused LoRA MLP's intermediates
 for their recompute (the parking itself is proven in swiftune_kernels' test_recompute_parking.py and
-test_slot_parking.py); the gradients stay those of the recompute; without swiftune's checkpointing it is refused."""
+test_slot_parking.py); the gradients stay those of the recompute. Refused without swiftune's checkpointing:
+test_cuda_graphs_option.py."""
 
 import importlib
 
-import pytest
 import torch
 
 from swiftune_loader import FastLanguageModel
@@ -40,11 +40,3 @@ def test_park_intermediates_switches_the_layers_and_keeps_the_gradients(tiny_mod
     assert parked.keys() == plain.keys() and parked
     for name, grad in plain.items():
         torch.testing.assert_close(parked[name], grad, rtol=0, atol=0, msg=name)
-
-
-@pytest.mark.parametrize("mode", [True, False])
-def test_park_intermediates_without_swiftune_checkpointing_is_refused_before_any_change(tiny_model_dir, mode):
-    model, _ = FastLanguageModel.from_pretrained(tiny_model_dir)
-    with pytest.raises(ValueError, match="park_intermediates"):
-        FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=mode, park_intermediates=True)
-    assert not hasattr(model, "peft_config") and model.get_input_embeddings().weight.requires_grad

@@ -56,17 +56,23 @@ def enable_checkpointing(model, mode) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _swiftune_handle(model, option: str):
+    """The handle of swiftune's checkpointing on ``model`` (the plan's inner one for a memory-aware mode), or a
+    ValueError that says ``option`` needs it."""
+    handle = model.__dict__.get("_swiftune_offload")
+    if handle is None:
+        raise ValueError(
+            f'{option} works on swiftune\'s checkpointed layers; use use_gradient_checkpointing="offload", '
+            '"auto" or a GiB budget with it (True and False do not checkpoint through swiftune).'
+        )
+    return getattr(handle, "handle", handle)
+
+
 def replay_from_cuda_graphs(model) -> None:
     """Replay the checkpointed decoder layers of ``model`` (forward, and recompute with backward) from CUDA graphs
     (:mod:`swiftune_kernels.layer_graphs`): the host issues one replay a layer instead of hundreds of launches, so a
     step no longer waits for the host. Needs swiftune's checkpointing ("offload", "auto" or a GiB budget)."""
-    handle = model.__dict__.get("_swiftune_offload")
-    if handle is None:
-        raise ValueError(
-            'cuda_graphs replays swiftune\'s checkpointed layers; use use_gradient_checkpointing="offload", '
-            '"auto" or a GiB budget with it (True and False do not checkpoint through swiftune).'
-        )
-    getattr(handle, "handle", handle).cuda_graphs = True
+    _swiftune_handle(model, "cuda_graphs").cuda_graphs = True
 
 
 def park_for_recompute(model) -> None:
@@ -74,13 +80,7 @@ def park_for_recompute(model) -> None:
     graphs, up) in host memory for their recompute, instead of computing them again
     (:mod:`swiftune_kernels.recompute_parking`, :mod:`swiftune_kernels.slot_parking`). Needs swiftune's
     checkpointing ("offload", "auto" or a GiB budget)."""
-    handle = model.__dict__.get("_swiftune_offload")
-    if handle is None:
-        raise ValueError(
-            "park_intermediates parks what swiftune's checkpointed layers recompute; use use_gradient_checkpointing="
-            '"offload", "auto" or a GiB budget with it (True and False do not checkpoint through swiftune).'
-        )
-    getattr(handle, "handle", handle).park_intermediates = True
+    _swiftune_handle(model, "park_intermediates").park_intermediates = True
 
 
 def disable_checkpointing(model):
