@@ -64,21 +64,7 @@ def main() -> None:
     parser.add_argument(
         "--warm-steps", type=int, default=4, help="steps before the traced one (1: trace the graphs' capture step)"
     )
-    parser.add_argument(
-        "--warm-with-layer",
-        action="store_true",
-        help="A/B: a thread's first capture runs its layer eagerly on the capture stream (the ninth round's way)",
-    )
     args = parser.parse_args()
-    if args.warm_with_layer:
-        import threading
-
-        from swiftune_kernels import layer_graphs
-
-        def warmed_by_a_layer_run(side, device) -> bool:
-            return (device.index or 0, threading.get_ident()) in layer_graphs._WARMED
-
-        layer_graphs._warm_capture_stream = warmed_by_a_layer_run
     model, loss_of, optimizer, batch = idle_profile.setup(args)
     for step in range(args.warm_steps):  # warm-up (and the graphs' captures)
         torch.cuda.reset_peak_memory_stats()

@@ -74,14 +74,14 @@ def _stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[index]
 
 
-def _warm_capture_stream(side: torch.cuda.Stream, device: torch.device) -> bool:
+def _warm_capture_stream(side: torch.cuda.Stream, device: torch.device) -> None:
     """Make sure this thread's cuBLAS handle has its workspace for ``side`` before anything is captured on it.
 
     PyTorch allocates a cuBLAS (and cuBLASLt) workspace per handle and stream at the first matmul there; made under
     capture it would come from the graphs' pool and stay there after the graphs are gone (the pool grows by it, and
     a later capture into that pool can fail). Handles are per thread: the backward captures on autograd's device
     thread, the forward on the caller's. Two tiny matmuls on the stream, a plain one and one with a bias (cuBLASLt's
-    path), make both workspaces, without running a whole layer eagerly beside the pool. True once done.
+    path), make both workspaces, without running a whole layer eagerly beside the pool.
     """
     index = device.index if device.index is not None else torch.cuda.current_device()
     warmed = (index, threading.get_ident())
@@ -94,7 +94,6 @@ def _warm_capture_stream(side: torch.cuda.Stream, device: torch.device) -> bool:
                 torch.mm(a, a)
         torch.cuda.current_stream(device).wait_stream(side)
         _WARMED.add(warmed)
-    return True
 
 
 def graph_pool_bytes() -> int:
@@ -295,7 +294,8 @@ class LayerGraphs:
         main, side = torch.cuda.current_stream(device), _stream(device)
         inputs = [_buffer("in", i, (t.shape, t.dtype, t.device)) for i, t in enumerate(tensors)]
         like = self._output_like.get(key)
-        if like is not None and _warm_capture_stream(side, device):
+        if like is not None:
+            _warm_capture_stream(side, device)
             # Capture at once and replay for this call's result. An eager run here would hold its temporaries from
             # the allocator beside the pool's (a layer's backward working set twice, ~0.9 GiB at Llama-8B, batch
             # 2 x 2048), the step's highest point.
