@@ -100,6 +100,18 @@ class TinyLoRAMLPLayer(nn.Module):
 
 
 @pytest.fixture
+def fresh_host_budget():
+    """The host offload budget (offload_host_copy) with no copies counted and its bound not yet measured, before and
+    after the test: what the offloading and parking tests count against."""
+    import importlib
+
+    budget = importlib.import_module("swiftune_kernels.offload_host_copy")._HOST_BUDGET
+    budget.update(pinned=0, bound=None, warned=False, shared=0)
+    yield budget
+    budget.update(pinned=0, bound=None, warned=False, shared=0)
+
+
+@pytest.fixture
 def lora_mlp_stack():
     """``stack(n, device, hidden, inter, rank)``: n seeded :class:`TinyLoRAMLPLayer` layers in a ModuleList."""
 

@@ -14,12 +14,7 @@ from swiftune_kernels import offloaded_checkpoint
 host = importlib.import_module("swiftune_kernels.offload_host_copy")
 
 
-@pytest.fixture(autouse=True)
-def fresh_budget():
-    """Each test starts with no copies counted and the bound not yet measured, and leaves it that way."""
-    host._HOST_BUDGET.update(pinned=0, bound=None, warned=False, shared=0)
-    yield
-    host._HOST_BUDGET.update(pinned=0, bound=None, warned=False, shared=0)
+pytestmark = pytest.mark.usefixtures("fresh_host_budget")  # conftest: no copies counted before and after each test
 
 
 def _layers(n):

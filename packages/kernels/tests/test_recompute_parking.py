@@ -16,12 +16,7 @@ mlp_module = importlib.import_module("swiftune_kernels.lora_mlp")
 HIDDEN, INTER, RANK = 16, 40, 4
 
 
-@pytest.fixture(autouse=True)
-def fresh_budget():
-    """No copies counted and the bound not yet measured, before and after each test."""
-    host._HOST_BUDGET.update(pinned=0, bound=None, warned=False, shared=0)
-    yield
-    host._HOST_BUDGET.update(pinned=0, bound=None, warned=False, shared=0)
+pytestmark = pytest.mark.usefixtures("fresh_host_budget")  # conftest: no copies counted before and after each test
 
 
 @pytest.fixture

@@ -22,12 +22,10 @@ HIDDEN, INTER, RANK = 16, 40, 4
 
 
 @pytest.fixture(autouse=True)
-def fresh_state():
-    """No copies counted, the bound not yet measured and no slot, before and after each test."""
-    host._HOST_BUDGET.update(pinned=0, bound=None, warned=False, shared=0)
+def fresh_state(fresh_host_budget):
+    """A fresh host budget (conftest) and no slot, before and after each test."""
     slots.release_slots()
     yield
-    host._HOST_BUDGET.update(pinned=0, bound=None, warned=False, shared=0)
     slots.release_slots()
 
 
