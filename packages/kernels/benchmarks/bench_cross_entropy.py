@@ -113,20 +113,21 @@ def sweep(rows, vocab, dtype, device, on_gpu, smoke, copy_gbps, softcap):
 
     logits, targets = make_inputs(rows, vocab, dtype, device)
     weight = torch.ones(1, device=device)
-    # (block_v, warps, KiB of each row kept in L2); None: the launcher's defaults (sweep_kernels.py sweeps more)
-    configs = [(128, 4, None), (64, 2, 0.25)] if smoke else [(32768, 32, None), (32768, 32, 256), (None, None, None)]
+    # (block_v, warps, lane columns); None: the launcher's defaults (sweep_kernels.py sweeps more). A lane as wide
+    # as the block is one max / sum reduction across all warps a block.
+    configs = [(128, 4, None), (64, 2, 64)] if smoke else [(32768, 32, None), (32768, 32, 32768), (None, None, None)]
     out = []
-    for block_v, num_warps, keep_kib in configs:
+    for block_v, num_warps, lane_cols in configs:
         ms, timing = time_ms(
-            lambda bv=block_v, nw=num_warps, kk=keep_kib: cross_entropy_forward(
-                logits, targets, weight, softcap=softcap, grad=logits, block_v=bv, num_warps=nw, l2_keep_kib=kk
+            lambda bv=block_v, nw=num_warps, lc=lane_cols: cross_entropy_forward(
+                logits, targets, weight, softcap=softcap, grad=logits, block_v=bv, num_warps=nw, lane_cols=lc
             ),
             on_gpu,
             smoke,
         )
         name = "ours-kernel[default]"
         if block_v is not None:
-            name = f"ours-kernel[bv={block_v},w={num_warps}" + (f",keep={keep_kib}KiB]" if keep_kib else "]")
+            name = f"ours-kernel[bv={block_v},w={num_warps}" + (f",lanes={lane_cols}]" if lane_cols else "]")
         out.append(_row(name, rows, vocab, dtype, ms, copy_gbps, None, on_gpu, softcap=softcap, **timing))
     return out
 

@@ -2,10 +2,10 @@
 torch.compile, every provider timed the same way (CUDA-graph GPU time; do_bench alongside in ``ms_do_bench``).
 
 - cross_entropy, fwd+bwd, bf16, in place, 8192 x 128256 and 8192 x 256000: the row kernel's default against the
-  variants of ``CONFIG`` in cross_entropy.py: ``l2_keep_kib`` (only the last KiB of each row kept in L2 for the
-  gradient pass, the head streamed with evict_first), ``early_load`` / ``grad_prefetch`` (latency hiding) and
-  ``programs_per_sm`` (persistent grids), with block / warp changes; the fused linear CE (frozen lm_head) with
-  the default and the best variant, as it calls the same kernel.
+  variants of ``CONFIG`` in cross_entropy.py: ``lane_cols`` (the width of a lane of the loss pass's reductions),
+  ``grad_prefetch`` (the gradient pass double-buffered) and ``programs_per_sm`` (persistent grids), with block /
+  warp changes; the fused linear CE (frozen lm_head) with the default and the best variant, as it calls the same
+  kernel.
   Competitors: transformers' float32 upcast + F.cross_entropy under torch.compile, and Liger (which reads the loss
   back to the host, ``.item()``: it cannot be captured, its row is do_bench, marked in the table).
 - rope, fwd+bwd of q and k, Llama-3.1-8B at 8k tokens, q (1, 32, 8192, 128), k (1, 8, 8192, 128): "heads" and
@@ -19,22 +19,17 @@ import importlib
 
 import torch
 
-# (name, CONFIG change): the row kernel's variants. L2 (50 MiB) over ~132 rows in flight: ~380 KiB a row at most;
-# plain LRU with the default hints re-reads about half of a 500 KiB (256k bf16) row from DRAM (79.8% of copy).
-PIPELINED = dict(early_load=True, grad_prefetch=True)
+# (name, CONFIG change): the row kernel's variants. The default reduces per warp lane (one warp's loads wide); a lane
+# as wide as the block is the previous default (one max / sum across all warps a block).
 CE_CANDIDATES = [
-    ("keep 352 KiB", dict(l2_keep_kib=352)),
-    ("persistent 1/SM", dict(programs_per_sm=1)),
-    # Fewer rows in flight, so that each row's re-read finds it in L2 at 256k (99 / 79 / 66 rows: 50-39-33 MiB).
-    ("persistent 0.75/SM", dict(programs_per_sm=0.75)),
-    ("persistent 0.75/SM keep 400 KiB", dict(programs_per_sm=0.75, l2_keep_kib=400)),
-    ("persistent 0.75/SM early+grad_prefetch", dict(PIPELINED, programs_per_sm=0.75)),
-    ("persistent 0.6/SM", dict(programs_per_sm=0.6)),
-    ("persistent 0.5/SM", dict(programs_per_sm=0.5)),
+    ("one reduction a block (lane = block)", dict(lane_cols=32768)),
+    ("lanes 512 columns", dict(lane_cols=512)),
+    ("no gradient prefetch", dict(grad_prefetch=False)),
+    ("32 KiB blocks", dict(block_v=16384)),
 ]
 CE_SMOKE = [
-    ("keep 0.25 KiB", dict(block_v=64, l2_keep_kib=0.25)),
-    ("early+grad_prefetch keep 0.25 KiB", dict(PIPELINED, block_v=64, l2_keep_kib=0.25)),
+    ("one reduction a block", dict(block_v=64, lane_cols=64)),
+    ("lanes of 16", dict(block_v=64, lane_cols=16)),
     ("persistent 1/SM", dict(programs_per_sm=1)),
 ]
 

@@ -241,7 +241,7 @@ def test_package_exports():
     assert swiftune_kernels.CrossEntropyFunction is CrossEntropyFunction
 
 
-# --- sweep variants of the row kernel (CONFIG): a kept L2 tail, persistent grids ------------------------------------
+# --- launch variants of the row kernel (CONFIG): lane widths, persistent grids, no gradient prefetch ------------------
 
 VARIANT_OPTIONS = {"plain": {}, "scale+softcap": {"logit_scale": 1.7, "softcap": 3.0}}
 
@@ -249,21 +249,29 @@ VARIANT_OPTIONS = {"plain": {}, "scale+softcap": {"logit_scale": 1.7, "softcap":
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("option", VARIANT_OPTIONS)
 @pytest.mark.parametrize(
-    ("l2_keep_kib", "programs", "pipelined"), [(1, None, False), (0.6, 3, True), (0, None, False), (None, None, True)]
+    ("block_v", "lane_cols", "programs", "grad_prefetch"),
+    [
+        (512, 64, None, True),
+        (256, 32, 3, False),
+        (128, 128, None, True),
+        (1024, None, None, True),
+        (2048, 128, 2, True),
+    ],
 )
-def test_kept_tail_and_persistent_grid_match_float64_reference(
-    dtype, option, l2_keep_kib, programs, pipelined, device, tolerance
+def test_lanes_and_persistent_grid_match_float64_reference(
+    dtype, option, block_v, lane_cols, programs, grad_prefetch, device, tolerance
 ):
-    # V = 1000 in blocks of 128: 1 KiB keeps 256 float32 columns (head: blocks 0-4, tail from 640, the last block
-    # ragged) or 512 bf16 ones (tail from 384); 0 keeps only the ragged last block (head to 896). Per-row weights
-    # as the fused linear CE passes them; a row whose head is all -inf (masked vocabulary) and whose maximum sits in
-    # the tail, another whose maximum sits in the head, so both loops and their hand-over count. "pipelined": the
-    # first block requested before the target and the gradient pass double-buffered (with and without a head).
+    # V = 1000: blocks of 512 in lanes of 64 (8 lanes, the second block ragged), of 256 in lanes of 32 walked by 3
+    # persistent programs without the gradient pass's prefetch, one lane a block (128), the default lane width
+    # (128 float32 / 256 bf16 columns) in one block, and a block of 2048 whose lanes past column 1000 see no column
+    # at all. Per-row weights as the fused linear CE passes them; a row whose first 300 columns are -inf (masked
+    # vocabulary: its first lanes see only -inf for a while) with its maximum in the last block, another whose
+    # maximum sits early, so lanes are rescaled and combined both ways.
     logits, targets = make_inputs(7, 1000, dtype, device)
     logits[2, :300] = float("-inf")
     logits[2, 990] = 20.0
     targets[2] = 990
-    logits[4, 100] = 25.0  # the maximum of this row in the streamed head
+    logits[4, 100] = 25.0
     row_weight = torch.rand(7, device=device)
     grad = torch.empty_like(logits)
     options = VARIANT_OPTIONS[option]
@@ -272,11 +280,10 @@ def test_kept_tail_and_persistent_grid_match_float64_reference(
         targets,
         row_weight,
         grad=grad,
-        block_v=128,
-        l2_keep_kib=l2_keep_kib,
+        block_v=block_v,
+        lane_cols=lane_cols,
         programs=programs,
-        early_load=pipelined,
-        grad_prefetch=pipelined,
+        grad_prefetch=grad_prefetch,
         **options,
     )
     x = logits.detach().double().requires_grad_()
@@ -290,9 +297,9 @@ def test_kept_tail_and_persistent_grid_match_float64_reference(
 @pytest.mark.parametrize(
     "config",
     [
-        {"l2_keep_kib": 0.5, "block_v": 128},
+        {"lane_cols": 16, "block_v": 128},
         {"programs_per_sm": 1, "num_warps": 2},
-        {"early_load": True, "grad_prefetch": True, "block_v": 256},
+        {"grad_prefetch": False, "block_v": 256},
     ],
 )
 def test_config_variants_through_the_public_function(config, device, tolerance, monkeypatch):
@@ -331,7 +338,7 @@ def test_fused_mean_launches_match_the_torch_reduction(device, monkeypatch):
 
 def test_fused_linear_cross_entropy_follows_the_config(device, tolerance, monkeypatch):
     """The fused linear CE calls cross_entropy_forward per chunk of tokens: a CONFIG variant applies there too."""
-    monkeypatch.setitem(ce_module.CONFIG, "l2_keep_kib", 0.5)
+    monkeypatch.setitem(ce_module.CONFIG, "lane_cols", 16)
     monkeypatch.setitem(ce_module.CONFIG, "block_v", 64)
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(13, 16, generator=gen).to(device).requires_grad_()
@@ -343,9 +350,7 @@ def test_fused_linear_cross_entropy_follows_the_config(device, tolerance, monkey
     monkeypatch.setattr(ce_module, "_cross_entropy_fwd_kernel", _Spy(original, seen))
     loss = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=8)
     loss.backward()
-    assert seen and all(
-        args[11] == 128 for args in seen
-    )  # keep_from: 300 - 128 kept (0.5 KiB of float32), in whole blocks of 64
+    assert seen and all(kwargs["LANE_COLS"] == 16 and kwargs["BLOCK_V"] == 64 for _, kwargs in seen)
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     expected = reference_linear(h64, w64, targets)
     expected.backward()
@@ -355,14 +360,14 @@ def test_fused_linear_cross_entropy_follows_the_config(device, tolerance, monkey
 
 
 class _Spy:
-    """Records the arguments of each launch of a Triton kernel, then launches it."""
+    """Records the (args, kwargs) of each launch of a Triton kernel, then launches it."""
 
     def __init__(self, kernel, seen):
         self.kernel, self.seen = kernel, seen
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.seen.append(args)
+            self.seen.append((args, kwargs))
             return self.kernel[grid](*args, **kwargs)
 
         return launch

@@ -5,14 +5,16 @@ that writes the gradient (softmax - onehot, times the chain rule of scaling and 
 the reduction), optionally into the logits buffer itself. With 32 warps one program is resident per SM, the gradient
 pass walks the blocks in reverse and eviction hints keep a row in L2 until its gradient pass: DRAM sees about one
 read and one write of the logits while the ~130 rows in flight fit L2 (33 MiB at V = 128k; H100: 50 MiB); at
-V = 256k (66 MiB) about half of each re-read misses. Sweep variants in :data:`CONFIG` (benchmarks/sweep_kernels.py):
-``l2_keep_kib`` keeps only each row's last KiB in L2 (read first by the reversed gradient pass; the head is streamed
-with evict_first), so that the kept tails of all rows in flight fit instead of thrashing; ``early_load`` and
-``grad_prefetch`` hide latencies that idle an SM running one program (the first block is requested before the
-target, the gradient pass double-buffers); ``programs_per_sm`` makes the grid persistent. A "split" kernel (a row's
-programs exchanging partial max / sum) lost to this one at every chunk size in the 2026-11-23 H100 sweep (44-76% of
-copy bandwidth against 80-90%) and was removed. No float32 copy of the logits is ever made; the backward pass only
-scales the stored gradient by grad_output, and skips that (without a host sync) where grad_output is 1.
+V = 256k (66 MiB) part of each re-read misses. In the loss pass a block is (lanes, lane_cols), a lane as wide as one
+warp's loads: each lane keeps its own running max and sum, so the warps of a program never wait for each other until
+the row's lanes combine (one barrier a row instead of two a block; on an H100 this took V = 128k from 88% to 92% of
+copy bandwidth). Both passes double-buffer in registers. Variants that lost on the H100 and were removed (see
+docs/BENCHMARKS.md): a "split" kernel (a row's programs exchanging partial max / sum), keeping only each row's tail
+in L2, loading a row's first block before its target, multi-stage shared-memory pipelines, and a pipelined kernel
+running one row's loss pass beside the previous row's gradient pass. ``programs_per_sm`` in :data:`CONFIG` still makes
+the grid persistent (slower on the H100; the interpreter runs two programs to walk that loop). No float32 copy of the
+logits is ever made; the backward pass only scales the stored gradient by grad_output, and skips that (without a host
+sync) where grad_output is 1.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from swiftune_kernels.cross_entropy_math import combine_lanes, logits_gradient, online_lse_step, transform_logits
 from swiftune_kernels.cross_entropy_reduce import (  # noqa: F401  (re-exported: fused_linear_cross_entropy uses them)
     check_loss_options,
     cross_entropy_backward,
@@ -34,39 +37,18 @@ from swiftune_kernels.cross_entropy_reduce import (  # noqa: F401  (re-exported:
 from swiftune_kernels.dispatch import check_floating, check_same_device, use_triton
 from swiftune_kernels.reference import cross_entropy as reference
 
-# Default launch configuration (one line to switch to a sweep's winner; the variants: see the module docstring).
-# None: block_v 64 KiB of logits, warps from it, all of a row kept in L2, one program a row. "fused_mean": reduction
-# "mean" computes its denominator in one small launch and the mean in another, instead of ~6 small torch ops.
+# Default launch configuration (one line to switch to a sweep's winner). None: blocks of 64 KiB of logits, warps from
+# the block, lanes one warp's 16-byte loads wide (256 bf16 / 128 float32 columns), one program a row.
+# "fused_mean": reduction "mean" computes its denominator in one small launch and the mean in another, instead of ~6
+# small torch ops.
 CONFIG = {
     "block_v": None,
     "num_warps": None,
-    "l2_keep_kib": None,
+    "lane_cols": None,
     "programs_per_sm": None,
-    "early_load": False,
     "grad_prefetch": True,
     "fused_mean": True,
 }
-
-
-@triton.jit
-def _transform(x, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    if HAS_LOGIT_SCALE:
-        x = x * logit_scale
-    if HAS_SOFTCAP:
-        # tanh(z) = 2 * sigmoid(2z) - 1: tl.math.tanh is missing in older Triton and in the interpreter.
-        x = softcap * (2.0 * tl.sigmoid(2.0 * x * inv_softcap) - 1.0)
-    return x
-
-
-@triton.jit
-def _online_lse_step(x, mask, m, d, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP):
-    c = _transform(x, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
-    c = tl.where(mask, c, float("-inf"))
-    m_new = tl.maximum(m, tl.max(c, 0))
-    # Keeps exp(-inf - -inf) = NaN away when a whole block is -inf (masked vocabulary entries).
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(c - m_safe), 0)
-    return m_new, d
 
 
 @triton.jit
@@ -82,31 +64,21 @@ def _cross_entropy_row(
     weight_ptr,
     stride_w,
     n_cols,
-    keep_from,
     ignore_index,
     logit_scale,
     softcap,
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
-    HEAD: tl.constexpr,
     KEEP: tl.constexpr,
     DROP: tl.constexpr,
-    HAS_HEAD: tl.constexpr,
-    EARLY: tl.constexpr,
     GRAD_PREFETCH: tl.constexpr,
+    LANE_COLS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     x_row = x_ptr + row * stride_xm
     g_row = grad_ptr + row * stride_gm
     offs = tl.arange(0, BLOCK_V)
-    if EARLY:
-        # The row's first block is requested before the target: its latency overlaps the target's (and the
-        # target logit's) instead of following them; an ignored row just drops it.
-        if HAS_HEAD:
-            x_first = tl.load(x_row + offs, mask=offs < n_cols, other=0.0, eviction_policy=HEAD)
-        else:
-            x_first = tl.load(x_row + offs, mask=offs < n_cols, other=0.0, eviction_policy=KEEP)
     target = tl.load(target_ptr + row * stride_t)
     if target == ignore_index:
         if COMPUTE_GRAD:
@@ -119,38 +91,26 @@ def _cross_entropy_row(
         # An out-of-range target makes the row's loss NaN instead of reading outside the row.
         target_ok = (target >= 0) & (target < n_cols)
         x_t = tl.load(x_row + target, mask=target_ok, other=0.0).to(tl.float32)
-        c_t = _transform(x_t, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+        c_t = transform_logits(x_t, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
         c_t = tl.where(target_ok, c_t, float("nan"))
         target_col = tl.where(target_ok, target, -1).to(tl.int32)  # int32 compares against the block's columns
 
-        m = float("-inf")
-        d = 0.0
-        # Register double buffering: the next block's load is in flight while this block's max and sum reductions
-        # (which synchronize the program's warps) run, so one program per SM still keeps DRAM busy.
-        # With COMPUTE_GRAD the row is read again by the gradient pass: the head [0, keep_from) is streamed (HEAD:
-        # evict_first when only a tail is kept), the tail is kept (evict_last); the gradient pass re-reads and
-        # stores with evict_first, so that finished rows do not push out rows still in flight.
-        if EARLY and HAS_HEAD:
-            x_next = x_first
-        else:
-            x_next = tl.load(x_row + offs, mask=offs < keep_from, other=0.0, eviction_policy=HEAD)
-        for start in range(0, keep_from, BLOCK_V):
-            cols = start + offs
-            x = x_next.to(tl.float32)
-            x_next = tl.load(x_row + BLOCK_V + cols, mask=BLOCK_V + cols < keep_from, other=0.0, eviction_policy=HEAD)
-            m, d = _online_lse_step(x, cols < keep_from, m, d, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE,
-                                    HAS_SOFTCAP)  # fmt: skip
-        if EARLY and not HAS_HEAD:
-            x_next = x_first
-        else:
-            x_next = tl.load(x_row + keep_from + offs, mask=keep_from + offs < n_cols, other=0.0, eviction_policy=KEEP)
-        for start in range(keep_from, n_cols, BLOCK_V):
-            cols = start + offs
+        # Loss pass over (lanes, LANE_COLS) blocks, a running max and sum per lane. Register double buffering: the
+        # next block's load is in flight while this block is reduced, so one program per SM keeps DRAM busy. With
+        # COMPUTE_GRAD the row is read again by the gradient pass: L2 keeps it (evict_last); the gradient pass
+        # re-reads and stores with evict_first, so that finished rows do not push out rows still in flight.
+        LANES: tl.constexpr = BLOCK_V // LANE_COLS
+        lane_offs = tl.arange(0, LANES)[:, None] * LANE_COLS + tl.arange(0, LANE_COLS)[None, :]
+        m = tl.full([LANES], float("-inf"), tl.float32)
+        d = tl.zeros([LANES], tl.float32)
+        x_next = tl.load(x_row + lane_offs, mask=lane_offs < n_cols, other=0.0, eviction_policy=KEEP)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + lane_offs
             x = x_next.to(tl.float32)
             x_next = tl.load(x_row + BLOCK_V + cols, mask=BLOCK_V + cols < n_cols, other=0.0, eviction_policy=KEEP)
-            m, d = _online_lse_step(x, cols < n_cols, m, d, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE,
-                                    HAS_SOFTCAP)  # fmt: skip
-        lse = m + tl.log(d)
+            m, d = online_lse_step(x, cols < n_cols, m, d, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE,
+                                   HAS_SOFTCAP)  # fmt: skip
+        lse = combine_lanes(m, d)
 
         if COMPUTE_GRAD:
             w = tl.load(weight_ptr + row * stride_w).to(tl.float32)
@@ -171,13 +131,9 @@ def _cross_entropy_row(
                     x_next = tl.load(x_row + below, mask=below >= 0, other=0.0, eviction_policy=DROP)
                 else:
                     x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy=DROP).to(tl.float32)
-                c = _transform(x, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
-                p = tl.exp(c - lse)
-                g = tl.where(cols == target_col, p - 1.0, p)
-                if HAS_SOFTCAP:
-                    t = c * inv_softcap
-                    g = g * (1.0 - t * t)
-                tl.store(g_row + cols, g * w, mask=mask, eviction_policy=DROP)
+                g = logits_gradient(x, cols, target_col, lse, w, logit_scale, inv_softcap, softcap, HAS_LOGIT_SCALE,
+                                    HAS_SOFTCAP)  # fmt: skip
+                tl.store(g_row + cols, g, mask=mask, eviction_policy=DROP)
         tl.store(loss_ptr + row, lse - c_t)
 
 
@@ -194,27 +150,24 @@ def _cross_entropy_fwd_kernel(
     stride_w,
     n_rows,
     n_cols,
-    keep_from,
     ignore_index,
     logit_scale,
     softcap,
     HAS_LOGIT_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
-    HEAD: tl.constexpr,
     KEEP: tl.constexpr,
     DROP: tl.constexpr,
-    HAS_HEAD: tl.constexpr,
-    EARLY: tl.constexpr,
     GRAD_PREFETCH: tl.constexpr,
+    LANE_COLS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # Rows pid, pid + programs, ...; an int64 start makes row * stride int64 for (N, V) past 2**31 elements.
     for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
         _cross_entropy_row(
             row, x_ptr, stride_xm, grad_ptr, stride_gm, target_ptr, stride_t, loss_ptr, weight_ptr, stride_w,
-            n_cols, keep_from, ignore_index, logit_scale, softcap,
-            HAS_LOGIT_SCALE, HAS_SOFTCAP, COMPUTE_GRAD, HEAD, KEEP, DROP, HAS_HEAD, EARLY, GRAD_PREFETCH, BLOCK_V,
+            n_cols, ignore_index, logit_scale, softcap,
+            HAS_LOGIT_SCALE, HAS_SOFTCAP, COMPUTE_GRAD, KEEP, DROP, GRAD_PREFETCH, LANE_COLS, BLOCK_V,
         )  # fmt: skip
 
 
@@ -230,11 +183,10 @@ def cross_entropy_forward(
     loss: torch.Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
-    l2_hints: bool = True,
-    l2_keep_kib: float | None = None,
+    lane_cols: int | None = None,
     programs: int | None = None,
-    early_load: bool | None = None,
     grad_prefetch: bool | None = None,
+    l2_hints: bool = True,
 ) -> torch.Tensor:
     """Per-row loss (float32, 0 on ignored rows) of ``logits`` (N, V); writes d(sum_i weight_i * loss_i)/dlogits.
 
@@ -257,12 +209,8 @@ def cross_entropy_forward(
         block_v = 65536 // logits.element_size()
     block_v = min(next_power_of_2(n_cols), block_v)
     num_warps = num_warps or CONFIG["num_warps"] or max(4, min(32, block_v * logits.element_size() // 2048))
-    l2_keep_kib = CONFIG["l2_keep_kib"] if l2_keep_kib is None else l2_keep_kib
-    keep_from = 0
-    if l2_keep_kib is not None and grad is not None and l2_hints:
-        keep_cols = int(l2_keep_kib * 1024) // logits.element_size()
-        # the head in whole blocks, so that the gradient pass's (reversed) blocks meet the kept tail first
-        keep_from = max(0, n_cols - keep_cols) // block_v * block_v
+    # a lane: one warp's 16-byte loads (32 x 16 bytes); a lane as wide as the block is one max / sum per block
+    lane_cols = min(block_v, lane_cols or CONFIG["lane_cols"] or 512 // logits.element_size())
     if programs is None:
         per_sm = CONFIG["programs_per_sm"]
         if not logits.is_cuda:
@@ -285,19 +233,16 @@ def cross_entropy_forward(
         0 if weight.numel() == 1 else weight.stride(0),
         n_rows,
         n_cols,
-        keep_from,
         ignore_index,
         1.0 if logit_scale is None else float(logit_scale),
         1.0 if softcap is None else float(softcap),
         HAS_LOGIT_SCALE=logit_scale is not None,
         HAS_SOFTCAP=softcap is not None,
         COMPUTE_GRAD=grad is not None,
-        HEAD="evict_first" if keep_from > 0 else "",
         KEEP="evict_last" if l2_hints and grad is not None else "",
         DROP="evict_first" if l2_hints else "",
-        HAS_HEAD=keep_from > 0,
-        EARLY=bool(CONFIG["early_load"] if early_load is None else early_load),
         GRAD_PREFETCH=bool(CONFIG["grad_prefetch"] if grad_prefetch is None else grad_prefetch) and grad is not None,
+        LANE_COLS=lane_cols,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
