@@ -1,7 +1,7 @@
 """Where the time of one cross-entropy step goes: the whole fwd+bwd against each of its launches alone.
 
-CUDA-graph GPU time of: the step (forward + ``torch.autograd.grad``, in place), its kernel alone (and with one
-reduction a block instead of one a warp lane), and the small launches around it (the mean's weight, the mean, the
+CUDA-graph GPU time of: the step (forward + ``torch.autograd.grad``, in place), its kernel alone (and with lanes of
+256 columns), and the small launches around it (the mean's weight, the mean, the
 backward's scaling that exits where grad_output is 1). Prints one ``RESULT {json}`` line per part and a table.
 
     python packages/kernels/benchmarks/ce_breakdown.py --shapes 8192x128256,8192x256000
@@ -42,7 +42,7 @@ def _parts(rows, vocab, device):
     return [
         ("step (forward + backward)", step),
         ("kernel alone", kernel()),
-        ("kernel alone, one reduction a block", kernel(lane_cols=vocab)),
+        ("kernel alone, lanes of 256 columns", kernel(lane_cols=256)),
         ("mean weight", lambda: mean_weight(targets, -100)),
         ("mean of the losses", lambda: mean_loss(loss, denominator)),
         ("backward scaling (grad_output 1)", lambda: cross_entropy_backward(logits, one.reshape(-1))),

@@ -291,6 +291,7 @@ ROPE_VARIANTS = {
     # 2 tokens a program; a 32-element tile budget forces head blocks of 2 (the head loop, a partial last block)
     "tokens": dict(hf_kernel="tokens", contiguous_kernel="tokens", tokens_per_program=2, token_tile=32, token_warps=2),
     "tokens-one": dict(hf_kernel="tokens", contiguous_kernel="tokens", tokens_per_program=1, token_warps=4),
+    "tokens-no-hint": dict(hf_kernel="tokens", contiguous_kernel="tokens", token_eviction="", token_warps_gather=2),
     "heads": dict(hf_kernel="heads", contiguous_kernel="heads"),
 }
 

@@ -5,16 +5,16 @@ that writes the gradient (softmax - onehot, times the chain rule of scaling and 
 the reduction), optionally into the logits buffer itself. With 32 warps one program is resident per SM, the gradient
 pass walks the blocks in reverse and eviction hints keep a row in L2 until its gradient pass: DRAM sees about one
 read and one write of the logits while the ~130 rows in flight fit L2 (33 MiB at V = 128k; H100: 50 MiB); at
-V = 256k (66 MiB) part of each re-read misses. In the loss pass a block is (lanes, lane_cols), a lane as wide as one
-warp's loads: each lane keeps its own running max and sum, so the warps of a program never wait for each other until
-the row's lanes combine (one barrier a row instead of two a block; on an H100 this took V = 128k from 88% to 92% of
-copy bandwidth). Both passes double-buffer in registers. Variants that lost on the H100 and were removed (see
-docs/BENCHMARKS.md): a "split" kernel (a row's programs exchanging partial max / sum), keeping only each row's tail
-in L2, loading a row's first block before its target, multi-stage shared-memory pipelines, and a pipelined kernel
-running one row's loss pass beside the previous row's gradient pass. ``programs_per_sm`` in :data:`CONFIG` still makes
-the grid persistent (slower on the H100; the interpreter runs two programs to walk that loop). No float32 copy of the
-logits is ever made; the backward pass only scales the stored gradient by grad_output, and skips that (without a host
-sync) where grad_output is 1.
+V = 256k (66 MiB) part of each re-read misses. In the loss pass a block is (lanes, lane_cols): by default one lane as
+wide as the block (one max and sum a block across all warps); narrower lanes (e.g. one warp's loads wide) keep a
+running max and sum each and combine once a row (an option: on an H100 it was 3% slower at V = 128k and 1% at 256k).
+Both passes double-buffer in registers. Variants that lost on the H100 and were removed (see docs/BENCHMARKS.md):
+"split" kernels (a row's programs exchanging partial max / sum; last tried 2026-11-24 as two programs a row, 66-73% of
+copy bandwidth against 82-96%), keeping only each row's tail in L2, loading a row's first block before its target,
+multi-stage shared-memory pipelines, and a pipelined kernel running one row's loss pass beside the previous row's
+gradient pass. ``programs_per_sm`` in :data:`CONFIG` still makes the grid persistent (slower on the H100; the
+interpreter runs two programs to walk that loop). No float32 copy of the logits is ever made; the backward pass only
+scales the stored gradient by grad_output, and skips that (without a host sync) where grad_output is 1.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from swiftune_kernels.dispatch import check_floating, check_same_device, use_tri
 from swiftune_kernels.reference import cross_entropy as reference
 
 # Default launch configuration (one line to switch to a sweep's winner). None: blocks of 64 KiB of logits, warps from
-# the block, lanes one warp's 16-byte loads wide (256 bf16 / 128 float32 columns), one program a row.
+# the block, one lane a block, one program a row.
 # "fused_mean": reduction "mean" computes its denominator in one small launch and the mean in another, instead of ~6
 # small torch ops.
 CONFIG = {
@@ -209,8 +209,8 @@ def cross_entropy_forward(
         block_v = 65536 // logits.element_size()
     block_v = min(next_power_of_2(n_cols), block_v)
     num_warps = num_warps or CONFIG["num_warps"] or max(4, min(32, block_v * logits.element_size() // 2048))
-    # a lane: one warp's 16-byte loads (32 x 16 bytes); a lane as wide as the block is one max / sum per block
-    lane_cols = min(block_v, lane_cols or CONFIG["lane_cols"] or 512 // logits.element_size())
+    # None: one lane a block (one max / sum across the warps of a block); else lanes this many columns wide
+    lane_cols = min(block_v, lane_cols or CONFIG["lane_cols"] or block_v)
     if programs is None:
         per_sm = CONFIG["programs_per_sm"]
         if not logits.is_cuda:

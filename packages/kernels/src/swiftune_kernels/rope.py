@@ -181,15 +181,22 @@ _MAX_HEADS_PER_PROGRAM = 2
 _NUM_WARPS = 4
 # Launch configuration (one line to switch to a sweep's winner, benchmarks/sweep_kernels.py), per layout: "heads"
 # is _rope_kernel (a block of tokens a program, for a group of heads), "tokens" is rope_tokens._rope_tokens_kernel
-# (``tokens_per_program`` tokens a program with all their heads in tiles of at most ``token_tile`` elements).
-# 2026-11-24 H100, transformers' layout, CUDA graphs in fresh processes, with the drop-in reading half-width tables:
-# tokens with 1 warp 0.1222 ms, 2 warps 0.1228, heads 0.1261, 4 tokens x 8 warps 0.1244 (Liger 0.1216).
+# (``tokens_per_program`` tokens a program with all their heads in tiles of at most ``token_tile`` elements), with
+# ``token_warps`` warps where cos/sin come one row a token (transformers' rotary embedding, the drop-in) and
+# ``token_warps_gather`` where they are gathered from a table at position ids; ``token_eviction`` is the L2 policy
+# of the q / k traffic, which streams. 2026-11-24 H100, transformers' layout, q 1x32x8192x128, k 8 heads, CUDA
+# graphs, 3 interleaved repeats in one process (benchmarks/rope_variants.py): per-token half-width rows, 8 warps +
+# evict_first 0.1193-0.1204 ms, without the hint 0.1210-0.1212, 4 warps 0.1216-0.1218, Liger 0.1212-0.1214; a
+# full-width table at packed position ids, 1 warp + evict_first 0.1239-0.1241, without the hint 0.1318-0.1320,
+# 8 warps 0.1273-0.1275.
 CONFIG = {
     "hf_kernel": "tokens",
     "contiguous_kernel": "heads",
     "tokens_per_program": 1,
     "token_tile": 4096,
-    "token_warps": 1,
+    "token_warps": 8,
+    "token_warps_gather": 1,
+    "token_eviction": "evict_first",
 }
 
 
@@ -245,7 +252,8 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, rotary_dim, interleaved,
     if kernel == "tokens":
         launch_tokens(
             args, flags, seq_len, batch, n_q_heads, n_k_heads,
-            CONFIG["tokens_per_program"], CONFIG["token_tile"], CONFIG["token_warps"],
+            CONFIG["tokens_per_program"], CONFIG["token_tile"],
+            CONFIG["token_warps_gather" if position_ids is not None else "token_warps"], CONFIG["token_eviction"],
         )  # fmt: skip
         return
     # ~1024 elements per (BLOCK_S, BLOCK_HALF) tile: the 4 table tiles and 2 heads' data stay in registers

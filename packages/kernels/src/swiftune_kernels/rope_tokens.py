@@ -96,6 +96,7 @@ def _rope_token_heads(
     INTERLEAVED: tl.constexpr,
     COPY_TAIL: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    EVICTION: tl.constexpr,
 ):
     # (tokens, heads, channels) tiles: in transformers' layout one token's heads are one contiguous run
     if INTERLEAVED:
@@ -114,10 +115,10 @@ def _rope_token_heads(
         mask = mask_sh & mask_i[None, None, :]
         x_h = x_tok + heads.to(tl.int64)[None, :, None] * stride_xh
         o_h = o_tok + heads.to(tl.int64)[None, :, None] * stride_oh
-        x_a = tl.load(x_h + col_a[None, None, :], mask=mask, other=0.0).to(tl.float32)
-        x_b = tl.load(x_h + col_b[None, None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(o_h + col_a[None, None, :], x_a * cos_a - x_b * sin_a, mask=mask)
-        tl.store(o_h + col_b[None, None, :], x_b * cos_b + x_a * sin_b, mask=mask)
+        x_a = tl.load(x_h + col_a[None, None, :], mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+        x_b = tl.load(x_h + col_b[None, None, :], mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+        tl.store(o_h + col_a[None, None, :], x_a * cos_a - x_b * sin_a, mask=mask, eviction_policy=EVICTION)
+        tl.store(o_h + col_b[None, None, :], x_b * cos_b + x_a * sin_b, mask=mask, eviction_policy=EVICTION)
         if COPY_TAIL:
             mask_tail = mask_sh & mask_t[None, None, :]
             tail = tl.load(x_h + ROTARY_DIM + offs_t[None, None, :], mask=mask_tail)
@@ -164,6 +165,7 @@ def _rope_tokens_kernel(
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_TAIL: tl.constexpr,
+    EVICTION: tl.constexpr,
 ):
     # One program: BLOCK_S tokens, all their heads of q and k, the cos/sin rows loaded once.
     pid_b = tl.program_id(1)
@@ -180,22 +182,27 @@ def _rope_tokens_kernel(
     _rope_token_heads(
         q_ptr, q_out_ptr, stride_qb, stride_qh, stride_qs, stride_qob, stride_qoh, stride_qos, pid_b, n_q_heads,
         offs_s, mask_s, offs_i, mask_i, offs_t, mask_t, cos_a, cos_b, sin_a, sin_b,
-        ROTARY_DIM, INTERLEAVED, COPY_TAIL, BLOCK_HQ,
+        ROTARY_DIM, INTERLEAVED, COPY_TAIL, BLOCK_HQ, EVICTION,
     )  # fmt: skip
     _rope_token_heads(
         k_ptr, k_out_ptr, stride_kb, stride_kh, stride_ks, stride_kob, stride_koh, stride_kos, pid_b, n_k_heads,
         offs_s, mask_s, offs_i, mask_i, offs_t, mask_t, cos_a, cos_b, sin_a, sin_b,
-        ROTARY_DIM, INTERLEAVED, COPY_TAIL, BLOCK_HK,
+        ROTARY_DIM, INTERLEAVED, COPY_TAIL, BLOCK_HK, EVICTION,
     )  # fmt: skip
 
 
-def launch_tokens(args, flags, seq_len, batch, n_q_heads, n_k_heads, tokens_per_program, token_tile, num_warps):
-    """Launch :func:`_rope_tokens_kernel` over (token blocks, batch) with the arguments :func:`rope._launch` built."""
+def launch_tokens(
+    args, flags, seq_len, batch, n_q_heads, n_k_heads, tokens_per_program, token_tile, num_warps, eviction=""
+):
+    """Launch :func:`_rope_tokens_kernel` over (token blocks, batch) with the arguments :func:`rope._launch` built.
+
+    ``eviction``: the L2 eviction policy of the q / k loads and stores ("" or e.g. "evict_first": they stream).
+    """
     block_s = min(_next_power_of_2(seq_len), tokens_per_program)
     # heads a tile: as many as fit ``token_tile`` elements of one half of the rotated channels
     heads_cap = max(1, token_tile // (block_s * max(flags["BLOCK_HALF"], flags["BLOCK_TAIL"])))
     _rope_tokens_kernel[(-(-seq_len // block_s), batch)](
         *args, **flags, BLOCK_S=block_s,
         BLOCK_HQ=min(_next_power_of_2(n_q_heads), heads_cap),
-        BLOCK_HK=min(_next_power_of_2(n_k_heads), heads_cap), num_warps=num_warps,
+        BLOCK_HK=min(_next_power_of_2(n_k_heads), heads_cap), EVICTION=eviction, num_warps=num_warps,
     )  # fmt: skip
