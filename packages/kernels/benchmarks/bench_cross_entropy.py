@@ -113,9 +113,9 @@ def sweep(rows, vocab, dtype, device, on_gpu, smoke, copy_gbps, softcap):
 
     logits, targets = make_inputs(rows, vocab, dtype, device)
     weight = torch.ones(1, device=device)
-    # (block_v, warps, lane columns); None: the launcher's defaults (sweep_kernels.py sweeps more). None lanes: one
-    # lane a block (one max / sum reduction across all warps a block); 256: one warp's bf16 loads a lane.
-    configs = [(128, 4, None), (64, 2, 16)] if smoke else [(32768, 32, None), (32768, 32, 256), (None, None, None)]
+    # (block_v, warps, lane columns); None: the launcher's defaults (sweep_kernels.py sweeps more), i.e. 32768
+    # columns of bf16, 32 warps, one lane a block; 256: one warp's bf16 loads a lane.
+    configs = [(128, 4, None), (64, 2, 16)] if smoke else [(32768, 32, 256), (None, None, None)]
     out = []
     for block_v, num_warps, lane_cols in configs:
         ms, timing = time_ms(

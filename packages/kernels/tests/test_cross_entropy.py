@@ -263,10 +263,10 @@ def test_lanes_and_persistent_grid_match_float64_reference(
 ):
     # V = 1000: blocks of 512 in lanes of 64 (8 lanes, the second block ragged), of 256 in lanes of 32 walked by 3
     # persistent programs without the gradient pass's prefetch, one lane a block (128), the default (one lane a
-    # block) with blocks of 1024, and a block of 2048 whose lanes past column 1000 see no column
-    # at all. Per-row weights as the fused linear CE passes them; a row whose first 300 columns are -inf (masked
-    # vocabulary: its first lanes see only -inf for a while) with its maximum in the last block, another whose
-    # maximum sits early, so lanes are rescaled and combined both ways.
+    # block) with blocks of 1024, and a block of 2048 whose lanes past column 1000 see no column at all. Per-row
+    # weights as the fused linear CE passes them; a row whose first 300 columns are -inf (masked vocabulary: its
+    # first lanes see only -inf for a while) with its maximum in the last block, another whose maximum sits early,
+    # so lanes are rescaled and combined both ways.
     logits, targets = make_inputs(7, 1000, dtype, device)
     logits[2, :300] = float("-inf")
     logits[2, 990] = 20.0
