@@ -16,6 +16,7 @@ import sys
 
 import torch
 from _timing import copy_bandwidth_gbps, time_ms
+from bench_cross_entropy import make_inputs
 
 from swiftune_kernels import cross_entropy
 from swiftune_kernels.cross_entropy_reduce import cross_entropy_backward, mean_loss, mean_weight
@@ -25,10 +26,7 @@ ce = importlib.import_module("swiftune_kernels.cross_entropy")
 
 
 def _parts(rows, vocab, device):
-    gen = torch.Generator(device=device).manual_seed(0)
-    logits = (torch.randn(rows, vocab, device=device, generator=gen) * 2).to(torch.bfloat16)
-    targets = torch.randint(0, vocab, (rows,), device=device, generator=gen)
-    targets[::20] = -100
+    logits, targets = make_inputs(rows, vocab, torch.bfloat16, device)
     base = logits.clone().requires_grad_()
     weight, denominator = mean_weight(targets, -100)
     loss = torch.empty(rows, dtype=torch.float32, device=device)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from _timing import copy_bandwidth_gbps, time_ms
+from bench_cross_entropy import make_inputs
 
 MODES = {"normal": 0, "no-reread": 1, "loss-only": 2, "forward": 3, "max-only": 4}
 
@@ -139,9 +140,7 @@ def summarize(clock):
 def probe_shape(rows, vocab, modes, once, copy):
     """Time each mode at one shape (or run it once, for a profiler) and print its row."""
     device = torch.device("cuda")
-    gen = torch.Generator(device=device).manual_seed(0)
-    logits = (torch.randn(rows, vocab, device=device, generator=gen) * 2).to(torch.bfloat16)
-    targets = torch.randint(0, vocab, (rows,), device=device, generator=gen)
+    logits, targets = make_inputs(rows, vocab, torch.bfloat16, device)
     loss = torch.empty(rows, device=device)
     clock = torch.zeros(rows, 4, dtype=torch.int64, device=device)
     for mode in modes:

@@ -19,6 +19,7 @@ import sys
 
 import torch
 from _timing import copy_bandwidth_gbps, time_ms
+from bench_cross_entropy import make_inputs
 
 ce = importlib.import_module("swiftune_kernels.cross_entropy")
 
@@ -47,10 +48,7 @@ def set_persisting_l2(nbytes: int) -> int:
 def time_shape(rows, vocab, variants, args, copy):
     """Rows of the table for one (rows, vocab) shape: each variant timed ``args.repeats`` times, interleaved."""
     device = torch.device("cuda")
-    gen = torch.Generator(device=device).manual_seed(0)
-    logits = (torch.randn(rows, vocab, device=device, generator=gen) * 2).to(torch.bfloat16)
-    targets = torch.randint(0, vocab, (rows,), device=device, generator=gen)
-    targets[::20] = -100
+    logits, targets = make_inputs(rows, vocab, torch.bfloat16, device)
     weight = torch.ones(1, device=device)
     loss = torch.empty(rows, device=device)
     times = {}

@@ -3,22 +3,22 @@
 One program a row walks the vocabulary in blocks twice: an online max / log-sum-exp pass for the loss, then a pass that
 writes the gradient (softmax - onehot, times the chain rule of scaling and soft-capping, times the row's share of the
 reduction), optionally into the logits buffer itself. With 32 warps one program is resident per SM, the gradient pass
-walks the blocks in reverse and eviction hints keep a row in L2 until its gradient pass: DRAM sees about one read and
-one write of the logits while the ~130 rows in flight fit on chip and in L2 (33 MiB at V = 128k). At V = 256k (66 MiB),
-L1 and L2 together keep only about the last 256 KiB each SM read. On an H100, 44% of the re-reads miss; ncu shows the
-kernel moving those bytes at DRAM's full rate (docs/BENCHMARKS.md, twelfth round). In the loss pass a block is (lanes,
-lane_cols): by default one lane as wide as the block (one max and sum a block across all warps); narrower lanes (e.g.
-one warp's loads wide) keep a running max and sum each and combine once a row (an option: on an H100 it was 3% slower at
-V = 128k and 1% at 256k). Both passes double-buffer in registers. Variants that lost on the H100 and were removed (see
-docs/BENCHMARKS.md): "split" kernels (a row's programs exchanging partial max / sum; last tried 2026-11-24 as two
-programs a row, 66-73% of copy bandwidth against 82-96%), keeping only each row's tail in L2, loading a row's first
-block before its target, multi-stage shared-memory pipelines, and a pipelined kernel running one row's loss pass beside
-the previous row's gradient pass. Tried on 2026-11-24 and not kept: a row's head held in registers (Triton spills),
-per-block L1 / L2 hints (about 1%), leaner arithmetic (slower), a staggered first wave (no change: rows are at random
-phases), and two-CTA clusters (triton 3.6 does not compile them). ``programs_per_sm`` in :data:`CONFIG` still makes the
-grid persistent (slower on the H100; the interpreter runs two programs to walk that loop). No float32 copy of the logits
-is ever made; the backward pass only scales the stored gradient by grad_output, and skips that (without a host sync)
-where grad_output is 1.
+walks the blocks in reverse and eviction hints keep a row in L1 / L2 until its gradient pass: DRAM sees about one read
+and one write of the logits while the ~130 rows in flight fit on chip and in L2 (33 MiB at V = 128k). At V = 256k (66
+MiB), L1 and L2 together keep only about the last 256 KiB each SM read. On an H100, 44% of the re-reads miss; ncu shows
+the kernel moving those bytes at DRAM's full rate (docs/BENCHMARKS.md, twelfth round). In the loss pass a block is
+(lanes, lane_cols): by default one lane as wide as the block (one max and sum a block across all warps); narrower lanes
+(e.g. one warp's loads wide) keep a running max and sum each and combine once a row (an option: on an H100 it was 3%
+slower at V = 128k and 1% at 256k). Both passes double-buffer in registers. Variants that lost on the H100 and were
+removed (see docs/BENCHMARKS.md): "split" kernels (a row's programs exchanging partial max / sum; last tried 2026-11-24
+as two programs a row, 66-73% of copy bandwidth against 82-96%), keeping only each row's tail in L2, loading a row's
+first block before its target, multi-stage shared-memory pipelines, and a pipelined kernel running one row's loss pass
+beside the previous row's gradient pass. Tried on 2026-11-24 and not kept: a row's head held in registers (Triton
+spills), per-block L1 / L2 hints (about 1%), leaner arithmetic (slower), a staggered first wave (no change: rows are at
+random phases), and two-CTA clusters (triton 3.6 does not compile them). ``programs_per_sm`` in :data:`CONFIG` still
+makes the grid persistent (slower on the H100; the interpreter runs two programs to walk that loop). No float32 copy of
+the logits is ever made; the backward pass only scales the stored gradient by grad_output, and skips that (without a
+host sync) where grad_output is 1.
 """
 
 from __future__ import annotations
@@ -101,8 +101,9 @@ def _cross_entropy_row(
 
         # Loss pass over (lanes, LANE_COLS) blocks, a running max and sum per lane. Register double buffering: the
         # next block's load is in flight while this block is reduced, so one program per SM keeps DRAM busy. With
-        # COMPUTE_GRAD the row is read again by the gradient pass: L2 keeps it (evict_last); the gradient pass
-        # re-reads and stores with evict_first, so that finished rows do not push out rows still in flight.
+        # COMPUTE_GRAD the row is read again by the gradient pass: evict_last (Triton applies it to L1 and L2) keeps
+        # as much of it as fits; the gradient pass re-reads and stores with evict_first, so that finished rows do
+        # not push out rows still in flight.
         LANES: tl.constexpr = BLOCK_V // LANE_COLS
         lane_offs = tl.arange(0, LANES)[:, None] * LANE_COLS + tl.arange(0, LANE_COLS)[None, :]
         m = tl.full([LANES], float("-inf"), tl.float32)
