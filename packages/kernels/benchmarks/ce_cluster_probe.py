@@ -1,0 +1,428 @@
+"""Probe: cross-entropy rows split over a thread-block cluster (``split`` CTAs a row, one cluster a row), on sm_90+.
+
+Each CTA walks its part of the row twice (loss pass, then gradient pass in reverse), like the library's row kernel,
+but a part is 1/split of a row: with 16 parts and 8 CTAs of 4 warps an SM, about 66 rows are in flight and what an
+SM must keep between its passes (8 x 32 KiB at V = 256k) fits L1 + L2. The parts exchange their log-sum-exps around a
+hardware cluster barrier (``barrier.cluster`` through inline PTX): a cluster's CTAs are co-scheduled, so the wait
+cannot deadlock. Triton 3.6 cannot compile ``num_ctas > 1``: the kernel is compiled for one CTA and launched with a
+cluster dimension, through Triton's own launcher (its metadata's ``num_ctas``) or :func:`cluster_launch` (ctypes
+``cuLaunchKernelEx``, with a scheduling policy and extra shared memory).
+
+Options of :func:`split_forward` (JSON dicts on the command line): ``split``, ``block_v``, ``num_warps``,
+``maxnreg``, ``keep`` (the loss pass's eviction hint), ``lane_cols``, ``prefetch_early`` / ``arrive_first`` (where
+the gradient pass's first load goes around the barrier), ``policy`` (0 default, 1 spread, 2 load balancing) and
+``exchange``: 2 global memory around one cluster barrier; 5 distributed shared memory (``st.shared::cluster`` into
+every partner's slot, after Triton's own shared memory); 3 / 4 no cluster, arrivals counted with L2 atomics (by
+program id / by ticket); 1 and 0 are timing probes with wrong values (barrier without partner values; neither).
+The best on an H100 (docs/BENCHMARKS.md, thirteenth round) is the default variant below.
+
+    python packages/kernels/benchmarks/ce_cluster_probe.py --check --shapes 8192x256000
+    python packages/kernels/benchmarks/ce_cluster_probe.py '{"split": 2}' '{"split": 16, "num_warps": 4, ...}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import json
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from _timing import copy_bandwidth_gbps, time_ms
+from bench_cross_entropy import make_inputs
+
+ce = importlib.import_module("swiftune_kernels.cross_entropy")
+math = importlib.import_module("swiftune_kernels.cross_entropy_math")
+
+
+@triton.jit
+def _cluster_sync(token):
+    # Every thread arrives (release: this CTA's earlier stores become visible to the cluster) and waits (acquire).
+    # The result is 0, opaque to the compiler: loads that add it cannot move above the barrier.
+    return tl.inline_asm_elementwise(
+        "barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;\n\tmov.u32 $0, 0;",
+        "=r,r",
+        [token],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _cluster_arrive(token):
+    # arrive only (release): the wait comes later, so that loads can be issued in between
+    return tl.inline_asm_elementwise(
+        "barrier.cluster.arrive.release;\n\tmov.u32 $0, 0;", "=r,r", [token], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def _cluster_wait(token):
+    return tl.inline_asm_elementwise(
+        "barrier.cluster.wait.acquire;\n\tmov.u32 $0, 0;", "=r,r", [token], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def _cluster_arrive_relaxed(token):
+    return tl.inline_asm_elementwise(
+        "barrier.cluster.arrive.relaxed;\n\tmov.u32 $0, 0;", "=r,r", [token], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def _dsmem_put(ranks, offsets, values):
+    # element j: store values[j] into the shared memory of the cluster's CTA ranks[j], at global_smem + offsets[j]
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 a, r; mov.u32 a, global_smem; add.u32 a, a, $2; mapa.shared::cluster.u32 r, a, $1; "
+        "st.shared::cluster.f32 [r], $3; mov.u32 $0, 0; }",
+        "=r,r,r,f",
+        [ranks, offsets, values],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _smem_get(offsets):
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 a; mov.u32 a, global_smem; add.u32 a, a, $1; ld.shared.f32 $0, [a]; }",
+        "=f,r",
+        [offsets],
+        dtype=tl.float32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _ce_split_kernel(
+    x_ptr,
+    stride_xm,
+    grad_ptr,
+    stride_gm,
+    target_ptr,
+    loss_ptr,
+    weight_ptr,
+    scratch_ptr,
+    count_ptr,
+    n_cols,
+    part_cols,
+    ignore_index,
+    exchange_off,
+    SPLIT: tl.constexpr,
+    PREFETCH_EARLY: tl.constexpr,
+    LANE_COLS: tl.constexpr,
+    ARRIVE_FIRST: tl.constexpr,
+    EXCHANGE: tl.constexpr,
+    KEEP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    if EXCHANGE == 4:
+        # work by ticket: a CTA's partners have started before it or start after it, whatever the dispatch order
+        pid = tl.atomic_add(count_ptr, 1, sem="relaxed")
+    else:
+        pid = tl.program_id(0)
+    row = (pid // SPLIT).to(tl.int64)
+    part = pid % SPLIT
+    lo = part * part_cols
+    hi = tl.minimum(lo + part_cols, n_cols)
+    x_row = x_ptr + row * stride_xm
+    g_row = grad_ptr + row * stride_gm
+    offs = tl.arange(0, BLOCK_V)
+    if EXCHANGE == 5:
+        # a CTA may write into a partner's shared memory only once the partner runs: arrive now, wait before
+        started = _cluster_arrive_relaxed(part)
+    w = tl.load(weight_ptr).to(tl.float32)
+    target = tl.load(target_ptr + row)
+    LANES: tl.constexpr = BLOCK_V // LANE_COLS
+    lane_offs = tl.arange(0, LANES)[:, None] * LANE_COLS + tl.arange(0, LANE_COLS)[None, :]
+    if target == ignore_index:
+        for start in range(lo, hi, BLOCK_V):
+            cols = start + offs
+            tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=tl.float32), mask=cols < hi)
+        if part == 0:
+            tl.store(loss_ptr + row, 0.0)
+        if EXCHANGE == 5:
+            _cluster_wait(started)
+    else:
+        mine = (target >= lo) & (target < hi)
+        x_t = tl.load(x_row + target, mask=mine, other=0.0).to(tl.float32)
+        target_col = tl.where(mine, target, -1).to(tl.int32)
+        m = tl.full([LANES], float("-inf"), tl.float32)
+        d = tl.zeros([LANES], tl.float32)
+        x_next = tl.load(x_row + lo + lane_offs, mask=lo + lane_offs < hi, other=0.0, eviction_policy=KEEP)
+        for start in range(lo, hi, BLOCK_V):
+            cols = start + lane_offs
+            x = x_next.to(tl.float32)
+            nxt = BLOCK_V + cols
+            x_next = tl.load(x_row + nxt, mask=nxt < hi, other=0.0, eviction_policy=KEEP)
+            m, d = math.online_lse_step(x, cols < hi, m, d, 1.0, 1.0, 1.0, False, False)
+        lse_part = math.combine_lanes(m, d)
+        # also with EXCHANGE 5, which does not read it: without this store the kernel ran 2% slower (87.4 / 89.1-89.4%
+        # of copy at 256k on one H100), an instruction-scheduling effect
+        tl.store(scratch_ptr + pid, lse_part)
+        num_blocks = tl.cdiv(hi - lo, BLOCK_V)
+        if EXCHANGE == 0:
+            # timing probe only (wrong values): no barrier, no partner values
+            zero = 0
+            last = lo + (num_blocks - 1) * BLOCK_V + offs
+            x_next = tl.load(x_row + last, mask=last < hi, other=0.0, eviction_policy="evict_first")
+        elif EXCHANGE == 5:
+            # distributed shared memory: lse_part into every partner's slot [part], one cluster barrier
+            ranks = tl.arange(0, SPLIT)
+            zero = _cluster_wait(started)
+            put = _dsmem_put(ranks, exchange_off + 4 * part + zero + ranks * 0, lse_part + ranks * 0.0)
+            zero = _cluster_arrive(tl.max(put, 0))
+            last = lo + (num_blocks - 1 + zero) * BLOCK_V + offs
+            x_next = tl.load(x_row + last, mask=last < hi, other=0.0, eviction_policy="evict_first")
+            zero = _cluster_wait(zero)
+        elif EXCHANGE >= 3:
+            # no cluster: count arrivals in L2 (acq_rel: the partner values stored before are visible to the last)
+            arrived = tl.atomic_add(count_ptr + 1 + row, 1, sem="acq_rel") + 1
+            last = lo + (num_blocks - 1) * BLOCK_V + offs
+            x_next = tl.load(x_row + last, mask=last < hi, other=0.0, eviction_policy="evict_first")
+            while arrived < SPLIT:
+                arrived = tl.atomic_add(count_ptr + 1 + row, 0, sem="acquire")
+            zero = arrived - SPLIT
+        elif ARRIVE_FIRST:
+            zero = _cluster_arrive(target.to(tl.int32))
+            last = lo + (num_blocks - 1 + zero) * BLOCK_V + offs  # after the arrive; stays 16-byte aligned
+            x_next = tl.load(x_row + last, mask=last < hi, other=0.0, eviction_policy="evict_first")
+            zero = _cluster_wait(zero)
+        else:
+            if PREFETCH_EARLY:
+                last = lo + (num_blocks - 1) * BLOCK_V + offs
+                x_next = tl.load(x_row + last, mask=last < hi, other=0.0, eviction_policy="evict_first")
+            zero = _cluster_sync(target.to(tl.int32))
+        if not PREFETCH_EARLY and not ARRIVE_FIRST:
+            last = lo + (num_blocks - 1 + zero) * BLOCK_V + offs  # after the arrive; stays 16-byte aligned
+            x_next = tl.load(x_row + last, mask=last < hi, other=0.0, eviction_policy="evict_first")
+        if EXCHANGE == 5:
+            parts = _smem_get(exchange_off + 4 * tl.arange(0, SPLIT) + zero)
+            top = tl.max(parts, 0)
+            lse = top + tl.log(tl.sum(tl.exp(parts - top), 0))
+        elif EXCHANGE >= 2:
+            parts = tl.load(scratch_ptr + (pid - part) + tl.arange(0, SPLIT) + zero, volatile=True)
+            top = tl.max(parts, 0)
+            lse = top + tl.log(tl.sum(tl.exp(parts - top), 0))
+        else:
+            lse = lse_part + zero  # timing probe only: wrong values
+        for i in range(0, num_blocks):
+            cols = lo + (num_blocks - 1 - i) * BLOCK_V + offs
+            mask = cols < hi
+            x = x_next.to(tl.float32)
+            below = cols - BLOCK_V
+            x_next = tl.load(x_row + below, mask=below >= lo, other=0.0, eviction_policy="evict_first")
+            g = math.logits_gradient(x, cols, target_col, lse, w, 1.0, 1.0, 1.0, False, False)
+            tl.store(g_row + cols, g, mask=mask, eviction_policy="evict_first")
+        if mine:
+            tl.store(loss_ptr + row, lse - x_t)
+
+
+class _AttrValue(ctypes.Union):
+    _fields_ = [("pad", ctypes.c_char * 64), ("dims", ctypes.c_uint * 3), ("policy", ctypes.c_int)]
+
+
+class _LaunchAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", _AttrValue)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+        ("shared", ctypes.c_uint),
+        ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttr)),
+        ("num_attrs", ctypes.c_uint),
+    ]
+
+
+_LIBCUDA = None
+_C_TYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64, "u32": ctypes.c_uint32, "fp32": ctypes.c_float}
+
+
+def cluster_launch(compiled, clusters, cluster_size, values, policy=1, extra_shared=0):
+    """cuLaunchKernelEx of a Triton-compiled kernel with a cluster dimension and scheduling policy (0 default,
+    1 spread, as Triton's launcher, 2 load balancing); ``values``: every parameter by name, constexprs included."""
+    global _LIBCUDA
+    if _LIBCUDA is None:
+        _LIBCUDA = ctypes.CDLL("libcuda.so.1")
+    assert compiled.metadata.global_scratch_size == 0 and compiled.metadata.profile_scratch_size == 0
+    params = []
+    for name, kind in compiled.src.signature.items():
+        if kind == "constexpr":
+            continue
+        value = values[name]
+        if kind.startswith("*"):
+            params.append(ctypes.c_uint64(value.data_ptr()))
+        else:
+            params.append(_C_TYPES[kind](value))
+    params += [ctypes.c_uint64(0), ctypes.c_uint64(0)]  # global and profile scratch (none)
+    pointers = (ctypes.c_void_p * len(params))(*[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in params])
+    attrs = (_LaunchAttr * 2)()
+    attrs[0].id = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    attrs[0].value.dims[0], attrs[0].value.dims[1], attrs[0].value.dims[2] = cluster_size, 1, 1
+    attrs[1].id = 5  # CU_LAUNCH_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE
+    attrs[1].value.policy = policy
+    config = _LaunchConfig()
+    config.grid[0], config.grid[1], config.grid[2] = clusters * cluster_size, 1, 1
+    config.block[0], config.block[1], config.block[2] = 32 * compiled.metadata.num_warps, 1, 1
+    config.shared = compiled.metadata.shared + extra_shared
+    config.stream = torch.cuda.current_stream().cuda_stream
+    config.attrs = attrs
+    config.num_attrs = 2
+    function = ctypes.c_void_p(compiled.function)
+    if cluster_size > 8:
+        assert _LIBCUDA.cuFuncSetAttribute(function, 14, 1) == 0  # NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+    status = _LIBCUDA.cuLaunchKernelEx(ctypes.byref(config), function, pointers, None)
+    if status != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {status}")
+
+
+# the best variant on an H100 at V = 256k (89.9% of copy bandwidth; the library's row kernel: 82.2%)
+BEST = {"split": 16, "num_warps": 4, "block_v": 4096, "maxnreg": 64, "arrive_first": True, "exchange": 5, "keep": ""}
+
+_COMPILED = {}
+
+
+def split_forward(
+    logits,
+    targets,
+    weight,
+    grad,
+    loss,
+    split=2,
+    block_v=32768,
+    num_warps=32,
+    prefetch_early=True,
+    maxnreg=None,
+    lane_cols=None,
+    arrive_first=False,
+    exchange=2,
+    cluster=True,
+    policy=None,
+    balanced=False,
+    keep="evict_last",
+):
+    """Loss rows into ``loss`` and the gradient into ``grad`` with ``split`` CTAs (one cluster) a row."""
+    n_rows, n_cols = logits.shape
+    # balanced: equal parts (16-column multiples), each ending in a partial block; else whole blocks a part
+    part_cols = triton.cdiv(triton.cdiv(n_cols, split), 16 if balanced else block_v) * (16 if balanced else block_v)
+    assert (split - 1) * part_cols < n_cols, "every part needs columns"
+    scratch = torch.empty(n_rows * split, dtype=torch.float32, device=logits.device)
+    counts = torch.zeros(n_rows + 1, dtype=torch.int32, device=logits.device)  # the ticket, then arrivals a row
+    args = [logits, logits.stride(0), grad, grad.stride(0), targets, loss, weight, scratch, counts, n_cols, part_cols,
+            -100, 16]  # fmt: skip
+    constexprs = dict(SPLIT=split, PREFETCH_EARLY=prefetch_early, LANE_COLS=lane_cols or block_v,
+                      ARRIVE_FIRST=arrive_first, EXCHANGE=exchange, KEEP=keep, BLOCK_V=block_v)  # fmt: skip
+    key = (split, block_v, num_warps, prefetch_early, maxnreg, lane_cols, arrive_first, exchange, keep)
+    if key not in _COMPILED:
+        compiled = _ce_split_kernel.warmup(*args, **constexprs, grid=(n_rows * split,), num_warps=num_warps,
+                                           maxnreg=maxnreg)  # fmt: skip
+        compiled._init_handles()
+        print(f"compiled {key}: {compiled.n_regs} registers, {compiled.n_spills} spills", flush=True)
+        _COMPILED[key] = compiled
+    compiled = _COMPILED[key]
+    stream = torch.cuda.current_stream().cuda_stream
+    if exchange == 5:
+        # the exchange slots follow Triton's own shared memory
+        args[-1] = -(-compiled.metadata.shared // 16) * 16
+        policy = 1 if policy is None else policy
+    if policy is not None:
+        names = list(compiled.src.signature)
+        values = dict(zip(names, args + list(constexprs.values()), strict=True))
+        cluster_launch(compiled, n_rows, split, values, policy, extra_shared=args[-1] - compiled.metadata.shared + 64)
+        return
+    # cluster=False (timing probes with exchange=0 only): the same CTAs without a cluster dimension
+    ctas = split if cluster and exchange < 3 else 1
+    meta = (compiled.metadata.num_warps, ctas, compiled.metadata.shared)
+    compiled.run(n_rows * split // ctas, 1, 1, stream, compiled.function, meta, None, None, None, *args,
+                 *constexprs.values())  # fmt: skip
+
+
+def check(split_options):
+    """Loss and gradient of each variant against float64 torch on a few rows, incl. an ignored row."""
+    device = torch.device("cuda")
+    for vocab in (128256, 256000):  # the probe keeps one binary a variant: 16-aligned rows only
+        logits, targets = make_inputs(37, vocab, torch.bfloat16, device)
+        targets[3] = -100
+        targets[5] = vocab - 1
+        targets[6] = 0
+        x64 = logits.double().requires_grad_(True)
+        ref = torch.nn.functional.cross_entropy(x64, targets, reduction="sum", ignore_index=-100)
+        ref.backward()
+        ref_loss = torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none", ignore_index=-100)
+        for options in split_options:
+            split, block_v = options.get("split", 2), options.get("block_v", 32768)
+            block_v = 16 if options.get("balanced") else block_v
+            if options.get("exchange", 2) < 2:
+                continue  # timing probes: wrong values by design
+            if (split - 1) * triton.cdiv(triton.cdiv(vocab, split), block_v) * block_v >= vocab:
+                continue
+            grad = torch.empty_like(logits)
+            loss = torch.full((37,), float("nan"), device=device)
+            split_forward(logits, targets, torch.ones(1, device=device), grad, loss, **options)
+            torch.cuda.synchronize()
+            loss_err = (loss.double() - ref_loss).abs().max().item()
+            grad_err = (grad.double() - x64.grad).abs().max().item()
+            ok = loss_err < 1e-3 and grad_err < 1e-2 * x64.grad.abs().max().item()
+            print(f"check V={vocab} {json.dumps(options)}: loss err {loss_err:.2e}, grad err {grad_err:.2e}"
+                  f" {'ok' if ok else 'FAIL'}", flush=True)  # fmt: skip
+            if not ok:
+                sys.exit(1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="*", help="JSON dicts of split_forward options")
+    parser.add_argument("--shapes", default="8192x128256,8192x256000")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--once", action="store_true", help="run each variant twice untimed (for ncu)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("ce_cluster_probe.py needs a CUDA GPU (sm_90 or later).")
+    variants = [json.loads(v) for v in args.variants] or [dict(BEST)]
+    if args.check:
+        check(variants)
+    device = torch.device("cuda")
+    copy = None if args.once else copy_bandwidth_gbps(device, True, False)
+    table = []
+    for shape in args.shapes.split(","):
+        rows, vocab = (int(n) for n in shape.split("x"))
+        logits, targets = make_inputs(rows, vocab, torch.bfloat16, device)
+        weight = torch.ones(1, device=device)
+        loss = torch.empty(rows, device=device)
+        inputs = (logits, targets, weight, loss)
+        runs = {"library default": lambda a=inputs: ce.cross_entropy_forward(*a[:3], grad=a[0], loss=a[3])}
+        for options in variants:
+            runs[json.dumps(options)] = lambda o=options, a=inputs: split_forward(*a[:3], a[0], a[3], **o)
+        times = {}
+        for _ in range(1 if args.once else args.repeats):
+            for name, fn in runs.items():
+                fn()
+                if args.once:
+                    fn()
+                    torch.cuda.synchronize()
+                    continue
+                times.setdefault(name, []).append(time_ms(fn, True, False)[0])
+        for name, measured in times.items():
+            pct = 100 * 2 * rows * vocab * 2 / min(measured) / 1e6 / copy
+            table.append((f"{rows}x{vocab}", name, [round(t, 4) for t in measured], pct))
+        del logits
+        torch.cuda.empty_cache()
+    if table:
+        print(f"\ncopy bandwidth {copy:.0f} GB/s")
+        for shape, name, ms, pct in table:
+            print(f"{shape:<12} {name:<58} {str(ms):<28} {pct:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
