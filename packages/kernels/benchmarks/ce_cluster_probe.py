@@ -39,39 +39,31 @@ math = importlib.import_module("swiftune_kernels.cross_entropy_math")
 
 
 @triton.jit
+def _barrier_step(token, PTX: tl.constexpr):
+    # Every thread runs PTX (a barrier.cluster arrive and / or wait) and returns 0, opaque to the compiler: loads that
+    # add it cannot move above the step. arrive.release makes this CTA's earlier stores visible to the cluster.
+    return tl.inline_asm_elementwise(PTX + "\n\tmov.u32 $0, 0;", "=r,r", [token], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _cluster_sync(token):
-    # Every thread arrives (release: this CTA's earlier stores become visible to the cluster) and waits (acquire).
-    # The result is 0, opaque to the compiler: loads that add it cannot move above the barrier.
-    return tl.inline_asm_elementwise(
-        "barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;\n\tmov.u32 $0, 0;",
-        "=r,r",
-        [token],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
+    return _barrier_step(token, "barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;")
 
 
 @triton.jit
 def _cluster_arrive(token):
-    # arrive only (release): the wait comes later, so that loads can be issued in between
-    return tl.inline_asm_elementwise(
-        "barrier.cluster.arrive.release;\n\tmov.u32 $0, 0;", "=r,r", [token], dtype=tl.int32, is_pure=False, pack=1
-    )
+    # arrive only: the wait comes later, so that loads can be issued in between
+    return _barrier_step(token, "barrier.cluster.arrive.release;")
 
 
 @triton.jit
 def _cluster_wait(token):
-    return tl.inline_asm_elementwise(
-        "barrier.cluster.wait.acquire;\n\tmov.u32 $0, 0;", "=r,r", [token], dtype=tl.int32, is_pure=False, pack=1
-    )
+    return _barrier_step(token, "barrier.cluster.wait.acquire;")
 
 
 @triton.jit
 def _cluster_arrive_relaxed(token):
-    return tl.inline_asm_elementwise(
-        "barrier.cluster.arrive.relaxed;\n\tmov.u32 $0, 0;", "=r,r", [token], dtype=tl.int32, is_pure=False, pack=1
-    )
+    return _barrier_step(token, "barrier.cluster.arrive.relaxed;")
 
 
 @triton.jit
