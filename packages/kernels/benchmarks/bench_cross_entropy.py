@@ -60,10 +60,19 @@ def make_inputs(rows, vocab, dtype, device):
     return logits, targets
 
 
+def min_bytes(rows, vocab, itemsize=2):
+    """Bytes cross-entropy must move at minimum: read the logits once and write their gradient once (2 x N x V
+    elements); targets and the loss are negligible. That is exactly what a copy of the logits moves."""
+    return 2 * rows * vocab * itemsize
+
+
+def pct_of_copy(rows, vocab, ms, copy_gbps, itemsize=2):
+    """% of the copy bandwidth that :func:`min_bytes` moved in ``ms`` milliseconds stands for."""
+    return 100 * min_bytes(rows, vocab, itemsize) / ms / 1e6 / copy_gbps
+
+
 def _row(provider, rows, vocab, dtype, ms, copy_gbps, extra_mb, on_gpu, **more):
-    # Bytes that must move at minimum: read the logits once and write their gradient once (2 x N x V elements);
-    # targets and the loss are negligible. That is exactly what a copy of the logits moves.
-    gbps = 2 * rows * vocab * dtype.itemsize / ms / 1e6
+    gbps = min_bytes(rows, vocab, dtype.itemsize) / ms / 1e6
     return {
         "op": "cross_entropy",
         "provider": provider,

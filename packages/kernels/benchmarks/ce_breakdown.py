@@ -16,7 +16,7 @@ import sys
 
 import torch
 from _timing import copy_bandwidth_gbps, time_ms
-from bench_cross_entropy import make_inputs
+from bench_cross_entropy import make_inputs, pct_of_copy
 
 from swiftune_kernels import cross_entropy
 from swiftune_kernels.cross_entropy_reduce import cross_entropy_backward, mean_loss, mean_weight
@@ -64,8 +64,7 @@ def main():
         parts = _parts(rows, vocab, device)
         for name, fn, moves_logits in parts:
             ms, info = time_ms(fn, True, False)
-            # bf16 logits read once and the gradient written once
-            pct = round(100 * 2 * rows * vocab * 2 / ms / 1e6 / copy_gbps, 1) if moves_logits else None
+            pct = round(pct_of_copy(rows, vocab, ms, copy_gbps), 1) if moves_logits else None
             row = {"op": "cross_entropy_breakdown", "shape": shape, "part": name, "ms": round(ms, 4),
                    "pct_copy_bw": pct, "copy_gbps": round(copy_gbps, 1), **info}  # fmt: skip
             print("RESULT " + json.dumps(row), flush=True)

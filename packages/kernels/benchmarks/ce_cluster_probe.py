@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 from _timing import copy_bandwidth_gbps, time_ms
-from bench_cross_entropy import make_inputs
+from bench_cross_entropy import make_inputs, pct_of_copy
 
 ce = importlib.import_module("swiftune_kernels.cross_entropy")
 math = importlib.import_module("swiftune_kernels.cross_entropy_math")
@@ -309,7 +309,10 @@ def split_forward(
     part_cols = triton.cdiv(triton.cdiv(n_cols, split), 16 if balanced else block_v) * (16 if balanced else block_v)
     assert (split - 1) * part_cols < n_cols, "every part needs columns"
     scratch = torch.empty(n_rows * split, dtype=torch.float32, device=logits.device)
-    counts = torch.zeros(n_rows + 1, dtype=torch.int32, device=logits.device)  # the ticket, then arrivals a row
+    # exchanges 3 / 4 count arrivals (after a ticket): only they need a zeroed buffer, the memset launch is timed too
+    counted = exchange in (3, 4)
+    zeroed = torch.zeros if counted else torch.empty
+    counts = zeroed(n_rows + 1 if counted else 1, dtype=torch.int32, device=logits.device)
     args = [logits, logits.stride(0), grad, grad.stride(0), targets, loss, weight, scratch, counts, n_cols, part_cols,
             -100, 16]  # fmt: skip
     constexprs = dict(SPLIT=split, PREFETCH_EARLY=prefetch_early, LANE_COLS=lane_cols or block_v,
@@ -406,7 +409,7 @@ def main():
                     continue
                 times.setdefault(name, []).append(time_ms(fn, True, False)[0])
         for name, measured in times.items():
-            pct = 100 * 2 * rows * vocab * 2 / min(measured) / 1e6 / copy
+            pct = pct_of_copy(rows, vocab, min(measured), copy)
             table.append((f"{rows}x{vocab}", name, [round(t, 4) for t in measured], pct))
         del logits
         torch.cuda.empty_cache()

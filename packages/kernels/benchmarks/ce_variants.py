@@ -19,7 +19,7 @@ import sys
 
 import torch
 from _timing import copy_bandwidth_gbps, time_ms
-from bench_cross_entropy import make_inputs
+from bench_cross_entropy import make_inputs, pct_of_copy
 
 ce = importlib.import_module("swiftune_kernels.cross_entropy")
 
@@ -74,7 +74,7 @@ def time_shape(rows, vocab, variants, args, copy):
             times.setdefault(index, []).append(time_ms(fn, True, False)[0])
     table = []
     for index, measured in times.items():
-        pct = 100 * 2 * rows * vocab * 2 / min(measured) / 1e6 / copy
+        pct = pct_of_copy(rows, vocab, min(measured), copy)
         row = dict(shape=f"{rows}x{vocab}", options=variants[index], ms=[round(t, 4) for t in measured],
                    pct_copy=round(pct, 1))  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
