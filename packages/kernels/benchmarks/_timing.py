@@ -103,3 +103,21 @@ def copy_bandwidth_gbps(device, on_gpu: bool, smoke: bool) -> float:
     dst = torch.empty_like(src)
     ms = copy_ceiling_ms(lambda: dst.copy_(src), on_gpu, smoke)
     return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def with_row_kernel(fn):
+    """``fn`` run with swiftune's cross-entropy forced onto its row kernel (``CONFIG["cluster"] = False``), so that a
+    run compares it with the cluster kernel that long rows get by default."""
+    import importlib
+
+    config = importlib.import_module("swiftune_kernels.cross_entropy").CONFIG
+
+    def run(*args):
+        saved = config["cluster"]
+        config["cluster"] = False
+        try:
+            return fn(*args)
+        finally:
+            config["cluster"] = saved
+
+    return run

@@ -2,7 +2,8 @@
 
 Providers: PyTorch eager written as transformers writes it (logits.float() then F.cross_entropy), torch.compile of
 that same function, Liger-Kernel (when installed; it writes the gradient into the logits), and swiftune_kernels
-with inplace=True (gradient written into the logits buffer) and inplace=False. Ours' row kernel at a few launch
+with inplace=True (gradient written into the logits buffer), inplace=False, and inplace=True held to the row kernel
+("ours-row-kernel": long rows otherwise take the cluster kernel on sm_90+). Ours' row kernel at a few launch
 configurations (the forward kernel alone, which is the whole fwd+bwd work) follows unless --no-sweep;
 sweep_kernels.py sweeps many more.
 Prints one ``RESULT {json}`` line per measurement and a table.
@@ -21,7 +22,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _timing import copy_bandwidth_gbps, time_ms
+from _timing import copy_bandwidth_gbps, time_ms, with_row_kernel
 
 
 def hf_cross_entropy(logits, targets, softcap=None):
@@ -42,6 +43,7 @@ def _providers(softcap):
         "liger": None,
         "ours": lambda x, t: cross_entropy(x, t, softcap=softcap, inplace=True),
         "ours-noinplace": lambda x, t: cross_entropy(x, t, softcap=softcap),
+        "ours-row-kernel": with_row_kernel(lambda x, t: cross_entropy(x, t, softcap=softcap, inplace=True)),
     }
     try:
         from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss

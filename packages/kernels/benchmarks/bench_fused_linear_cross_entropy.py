@@ -2,8 +2,10 @@
 
 Providers: PyTorch eager written as transformers writes it (lm_head, logits.float(), F.cross_entropy),
 torch.compile of that same function, Liger-Kernel's fused linear cross-entropy (when installed) and
-swiftune_kernels.fused_linear_cross_entropy; each with a frozen lm_head (LoRA: only grad_hidden) and a trainable one
-(grad_hidden and grad_weight). A sweep of ours' chunk size follows unless --no-sweep. Prints one ``RESULT {json}``
+swiftune_kernels.fused_linear_cross_entropy (also as "ours-row-kernel": its chunks' cross-entropy held to the row
+kernel, where long rows otherwise take the cluster kernel on sm_90+); each with a frozen lm_head (LoRA: only
+grad_hidden) and a trainable one (grad_hidden and grad_weight). A sweep of ours' chunk size follows unless
+--no-sweep. Prints one ``RESULT {json}``
 line per measurement and a table.
 
     uv run python packages/kernels/benchmarks/bench_fused_linear_cross_entropy.py              # 8192x4096x128256
@@ -20,7 +22,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _timing import copy_bandwidth_gbps, time_ms
+from _timing import copy_bandwidth_gbps, time_ms, with_row_kernel
 
 
 def hf_linear_cross_entropy(hidden, weight, targets):
@@ -37,6 +39,7 @@ def _providers():
         "compile": torch.compile(hf_linear_cross_entropy),
         "liger": None,
         "ours": fused_linear_cross_entropy,
+        "ours-row-kernel": with_row_kernel(fused_linear_cross_entropy),
     }
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss

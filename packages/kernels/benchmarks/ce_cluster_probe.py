@@ -1,4 +1,4 @@
-"""Probe: cross-entropy rows split over a thread-block cluster (``split`` CTAs a row, one cluster a row), on sm_90+.
+"""Probe: cross-entropy rows split over a thread-block cluster (``split`` CTAs a row), on sm_90+.
 
 Each CTA walks its part of the row twice (loss pass, then gradient pass in reverse), like the library's row kernel,
 but a part is 1/split of a row: with 16 parts and 8 CTAs of 4 warps an SM, about 66 rows are in flight and what an
@@ -14,7 +14,15 @@ the gradient pass's first load goes around the barrier), ``policy`` (0 default, 
 ``exchange``: 2 global memory around one cluster barrier; 5 distributed shared memory (``st.shared::cluster`` into
 every partner's slot, after Triton's own shared memory); 3 / 4 no cluster, arrivals counted with L2 atomics (by
 program id / by ticket); 1 and 0 are timing probes with wrong values (barrier without partner values; neither).
-The best on an H100 (docs/BENCHMARKS.md, thirteenth round) is the default variant below.
+``resident`` (``_ce_resident_kernel``): a CTA reads its part once and holds it in registers across the exchange
+(``hold_bf16``: the 16-bit logits instead of exp(x - m)). ``clusters`` (``_ce_pipelined_kernel``): that many
+persistent clusters (a fraction <= 1: of the most that fit), each CTA loading its part of the next row early
+(``early`` 0 / 1 / 2: after the gradient store, between the barrier's arrive and wait, before the exchange) and keeping
+``hold`` (0 exp(x - m) in float32, 1 the bf16 logits, 2 exp(x - m) in bf16). Its ``exchange`` 3 sends the parts'
+log-sum-exps with ``st.async`` counted on mbarriers (swiftune_kernels.cluster_exchange, as the library kernel): no
+cluster barrier, whose release waits for the prefetched loads; 1 / 0 are timing probes. The best on an H100
+(docs/BENCHMARKS.md, fourteenth round) is the default variant below; swiftune_kernels/cross_entropy_cluster.py is
+its library form.
 
     python packages/kernels/benchmarks/ce_cluster_probe.py --check --shapes 8192x256000
     python packages/kernels/benchmarks/ce_cluster_probe.py '{"split": 2}' '{"split": 16, "num_warps": 4, ...}'
@@ -33,6 +41,8 @@ import triton
 import triton.language as tl
 from _timing import copy_bandwidth_gbps, time_ms
 from bench_cross_entropy import make_inputs, pct_of_copy
+
+from swiftune_kernels.cluster_exchange import cluster_all_gather, cluster_exchange_init
 
 ce = importlib.import_module("swiftune_kernels.cross_entropy")
 math = importlib.import_module("swiftune_kernels.cross_entropy_math")
@@ -217,6 +227,191 @@ def _ce_split_kernel(
             tl.store(loss_ptr + row, lse - x_t)
 
 
+@triton.jit
+def _opaque_bf16(x):
+    # an identity on pairs of 16-bit values that the compiler cannot see through (nor move across other side effects)
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
+
+
+@triton.jit
+def _ce_resident_kernel(
+    x_ptr,
+    stride_xm,
+    grad_ptr,
+    stride_gm,
+    target_ptr,
+    loss_ptr,
+    weight_ptr,
+    scratch_ptr,
+    n_cols,
+    part_cols,
+    ignore_index,
+    exchange_off,
+    SPLIT: tl.constexpr,
+    EXCHANGE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HOLD_BF16: tl.constexpr = False,
+):
+    # One read of the part, held in registers across the exchange: no second pass, so nothing needs L1 / L2 to keep a
+    # row. exp(x - m) is computed once and rescaled by exp(m - lse) once the row's log-sum-exp is known.
+    pid = tl.program_id(0)
+    row = (pid // SPLIT).to(tl.int64)
+    part = pid % SPLIT
+    lo = part * part_cols
+    hi = tl.minimum(lo + part_cols, n_cols)
+    cols = lo + tl.arange(0, BLOCK)
+    mask = cols < hi
+    if EXCHANGE == 5:
+        started = _cluster_arrive_relaxed(part)
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first")
+    target = tl.load(target_ptr + row)
+    mine = (target >= lo) & (target < hi)
+    x_t = tl.load(x_ptr + row * stride_xm + target, mask=mine, other=0.0).to(tl.float32)  # before the in-place store
+    w = tl.load(weight_ptr).to(tl.float32)
+    raw = x
+    x = x.to(tl.float32)
+    m = tl.max(x, 0)
+    e = tl.exp(x - m)
+    lse_part = m + tl.log(tl.sum(e, 0))
+    if EXCHANGE == 5:
+        ranks = tl.arange(0, SPLIT)
+        zero = _cluster_wait(started)
+        put = _dsmem_put(ranks, exchange_off + 4 * part + zero + ranks * 0, lse_part + ranks * 0.0)
+        zero = _cluster_sync(tl.max(put, 0))
+        parts = _smem_get(exchange_off + 4 * tl.arange(0, SPLIT) + zero)
+        top = tl.max(parts, 0)
+        lse = top + tl.log(tl.sum(tl.exp(parts - top), 0))
+    elif EXCHANGE == 2:
+        tl.store(scratch_ptr + pid, lse_part)
+        zero = _cluster_sync(target.to(tl.int32))
+        parts = tl.load(scratch_ptr + (pid - part) + tl.arange(0, SPLIT) + zero, volatile=True)
+        top = tl.max(parts, 0)
+        lse = top + tl.log(tl.sum(tl.exp(parts - top), 0))
+    else:
+        zero = 0
+        lse = lse_part  # timing probe only (wrong values): no barrier, no partner values
+    ignored = target == ignore_index
+    scale = tl.where(ignored, 0.0, w * tl.exp(m - lse))
+    # the store's addresses and mask are computed after the exchange (through ``zero``), so that they do not hold
+    # registers across it; the target's -1 is written alone, after a CTA barrier orders it behind the block store
+    out = lo + zero * 8 + tl.arange(0, BLOCK)
+    if HOLD_BF16:
+        # hold the 16-bit logits (half the registers) and take the exponential again after the exchange
+        e = tl.exp(_opaque_bf16(raw).to(tl.float32) - m)
+    tl.store(grad_ptr + row * stride_gm + out, e * scale, mask=out < hi, eviction_policy="evict_first")
+    if mine:
+        tl.debug_barrier()
+        tl.store(grad_ptr + row * stride_gm + target, ((x_t - m).exp() * scale - w).to(grad_ptr.dtype.element_ty))
+    if mine | (ignored & (part == 0)):
+        tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - x_t))
+
+
+@triton.jit
+def _ce_pipelined_kernel(
+    x_ptr,
+    stride_xm,
+    grad_ptr,
+    stride_gm,
+    target_ptr,
+    loss_ptr,
+    weight_ptr,
+    scratch_ptr,
+    n_rows,
+    n_cols,
+    part_cols,
+    ignore_index,
+    exchange_off,
+    SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    EARLY: tl.constexpr,
+    HOLD: tl.constexpr,
+    EXCHANGE: tl.constexpr = 2,
+):
+    # Persistent clusters: cluster c walks rows c, c + clusters, ...; each CTA holds its part of a row in registers
+    # and loads its part of the next row while it waits for its partners' log-sum-exps. EARLY: where the next row's
+    # loads go (0 after the gradient store, 1 between the barrier's arrive and wait, 2 as soon as the current row's
+    # values are in registers). HOLD: what is kept across the exchange (0 exp(x - m) in float32, 1 the bf16 logits,
+    # whose exponential is taken again, 2 exp(x - m) rounded to bf16).
+    pid = tl.program_id(0)
+    cluster = pid // SPLIT
+    part = pid % SPLIT
+    n_clusters = tl.num_programs(0) // SPLIT
+    lo = part * part_cols
+    hi = tl.minimum(lo + part_cols, n_cols)
+    cols = lo + tl.arange(0, BLOCK)
+    w = tl.load(weight_ptr).to(tl.float32)
+    x_next = tl.load(
+        x_ptr + cluster.to(tl.int64) * stride_xm + cols,
+        mask=(cols < hi) & (cluster < n_rows),
+        other=float("-inf"),
+        eviction_policy="evict_first",
+    )
+    zero = 0
+    if EXCHANGE == 3:
+        # slots [2][SPLIT] float32, then two mbarriers, after Triton's shared memory; rows alternate between them
+        zero = cluster_exchange_init(exchange_off + 8 * SPLIT)
+    for r in range(cluster, n_rows, n_clusters):
+        row = r.to(tl.int64)
+        nxt = r + n_clusters
+        x_raw = x_next
+        if EARLY == 2:
+            # the current values are in registers (max below waits for them): the next row's loads go out now
+            ahead = cols + zero * 8
+            x_next = tl.load(x_ptr + nxt.to(tl.int64) * stride_xm + ahead, mask=(ahead < hi) & (nxt < n_rows),
+                             other=float("-inf"), eviction_policy="evict_first")  # fmt: skip
+        target = tl.load(target_ptr + row)
+        mine = (target >= lo) & (target < hi)
+        x_t = tl.load(x_ptr + row * stride_xm + target, mask=mine, other=0.0).to(tl.float32)
+        m = tl.max(x_raw.to(tl.float32), 0)
+        e = tl.exp(x_raw.to(tl.float32) - m)
+        lse_part = m + tl.log(tl.sum(e, 0))
+        if HOLD == 2:
+            e = e.to(tl.bfloat16)
+        tl.store(scratch_ptr + row * SPLIT + part, lse_part)
+        if EXCHANGE == 3:
+            # the library's exchange: st.async into every partner's slot, counted on its mbarrier
+            parts, zero = cluster_all_gather(lse_part, part, (r - cluster) // n_clusters, exchange_off, SPLIT)
+        elif EXCHANGE == 0:
+            zero = 0  # timing probe only (wrong values): no barrier, each part its own log-sum-exp
+        elif EXCHANGE == 1:
+            zero = _cluster_wait(_cluster_arrive_relaxed(part))  # timing probe only: a barrier without release
+        elif EARLY == 1:
+            zero = _cluster_arrive(part)
+            ahead = cols + zero * 8
+            x_next = tl.load(x_ptr + nxt.to(tl.int64) * stride_xm + ahead, mask=(ahead < hi) & (nxt < n_rows),
+                             other=float("-inf"), eviction_policy="evict_first")  # fmt: skip
+            zero = _cluster_wait(zero)
+        else:
+            zero = _cluster_sync(part)
+        if EXCHANGE == 3:
+            top = tl.max(parts, 0)
+            lse = top + tl.log(tl.sum(tl.exp(parts - top), 0))
+        elif EXCHANGE == 2:
+            parts = tl.load(scratch_ptr + row * SPLIT + tl.arange(0, SPLIT) + zero, volatile=True)
+            top = tl.max(parts, 0)
+            lse = top + tl.log(tl.sum(tl.exp(parts - top), 0))
+        else:
+            lse = lse_part
+        ignored = target == ignore_index
+        if HOLD == 1:
+            scale = tl.where(ignored, 0.0, w)
+            g = tl.exp(_opaque_bf16(x_raw).to(tl.float32) - lse) * scale
+        else:
+            scale = tl.where(ignored, 0.0, w * tl.exp(m - lse))
+            g = e.to(tl.float32) * scale
+        out = lo + zero * 8 + tl.arange(0, BLOCK)
+        tl.store(grad_ptr + row * stride_gm + out, g, mask=out < hi, eviction_policy="evict_first")
+        if mine:
+            tl.debug_barrier()
+            tl.store(grad_ptr + row * stride_gm + target, (tl.exp(x_t - lse) * w - w).to(grad_ptr.dtype.element_ty))
+        if mine | (ignored & (part == 0)):
+            tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - x_t))
+        if EARLY == 0:
+            ahead = cols + zero * 8
+            x_next = tl.load(x_ptr + nxt.to(tl.int64) * stride_xm + ahead, mask=(ahead < hi) & (nxt < n_rows),
+                             other=float("-inf"), eviction_policy="evict_first")  # fmt: skip
+
+
 class _AttrValue(ctypes.Union):
     _fields_ = [("pad", ctypes.c_char * 64), ("dims", ctypes.c_uint * 3), ("policy", ctypes.c_int)]
 
@@ -278,8 +473,10 @@ def cluster_launch(compiled, clusters, cluster_size, values, policy=1, extra_sha
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {status}")
 
 
-# the best variant on an H100 at V = 256k (89.9% of copy bandwidth; the library's row kernel: 82.2%)
-BEST = {"split": 16, "num_warps": 4, "block_v": 4096, "maxnreg": 64, "arrive_first": True, "exchange": 5, "keep": ""}
+# the best variant on an H100 at V = 256k (98.3% of copy bandwidth; the row kernel: 82.1%; the thirteenth round's best,
+# 16 streaming CTAs a row through a cluster barrier, {"split": 16, "num_warps": 4, "block_v": 4096, "maxnreg": 64,
+# "arrive_first": True, "exchange": 5, "keep": ""}: 89.7-89.9%)
+BEST = {"clusters": 1, "split": 16, "num_warps": 4, "maxnreg": 240, "early": 2, "hold": 0, "exchange": 3}
 
 _COMPILED = {}
 
@@ -302,9 +499,20 @@ def split_forward(
     policy=None,
     balanced=False,
     keep="evict_last",
+    resident=False,
+    hold_bf16=False,
+    clusters=None,
+    early=1,
+    hold=0,
 ):
     """Loss rows into ``loss`` and the gradient into ``grad`` with ``split`` CTAs (one cluster) a row."""
     n_rows, n_cols = logits.shape
+    if clusters:
+        options = (split, num_warps, maxnreg, clusters, early, hold, exchange, policy)
+        return pipelined_forward(logits, targets, weight, grad, loss, *options)
+    if resident:
+        options = (split, num_warps, maxnreg, exchange, policy, hold_bf16)
+        return resident_forward(logits, targets, weight, grad, loss, *options)
     # balanced: equal parts (16-column multiples), each ending in a partial block; else whole blocks a part
     part_cols = triton.cdiv(triton.cdiv(n_cols, split), 16 if balanced else block_v) * (16 if balanced else block_v)
     assert (split - 1) * part_cols < n_cols, "every part needs columns"
@@ -342,6 +550,97 @@ def split_forward(
                  *constexprs.values())  # fmt: skip
 
 
+def resident_forward(logits, targets, weight, grad, loss, split, num_warps, maxnreg, exchange, policy, hold_bf16):
+    """:func:`split_forward` with ``resident``: a CTA reads its part once, into registers (``_ce_resident_kernel``)."""
+    n_rows, n_cols = logits.shape
+    part_cols = triton.cdiv(triton.cdiv(n_cols, split), 8) * 8  # 16-byte aligned parts
+    assert (split - 1) * part_cols < n_cols, "every part needs columns"
+    scratch = torch.empty(n_rows * split, dtype=torch.float32, device=logits.device)
+    args = [logits, logits.stride(0), grad, grad.stride(0), targets, loss, weight, scratch, n_cols, part_cols, -100, 16]
+    constexprs = dict(SPLIT=split, EXCHANGE=exchange, BLOCK=triton.next_power_of_2(part_cols), HOLD_BF16=hold_bf16)
+    key = ("resident", split, num_warps, maxnreg, exchange, constexprs["BLOCK"], hold_bf16)
+    if key not in _COMPILED:
+        compiled = _ce_resident_kernel.warmup(*args, **constexprs, grid=(n_rows * split,), num_warps=num_warps,
+                                              maxnreg=maxnreg)  # fmt: skip
+        compiled._init_handles()
+        print(f"compiled {key}: {compiled.n_regs} registers, {compiled.n_spills} spills", flush=True)
+        _COMPILED[key] = compiled
+    compiled = _COMPILED[key]
+    if exchange == 5:
+        args[-1] = -(-compiled.metadata.shared // 16) * 16
+        policy = 1 if policy is None else policy
+    if policy is not None or exchange == 5:
+        names = list(compiled.src.signature)
+        values = dict(zip(names, args + list(constexprs.values()), strict=True))
+        cluster_launch(compiled, n_rows, split, values, policy, extra_shared=args[-1] - compiled.metadata.shared + 64)
+        return
+    meta = (compiled.metadata.num_warps, split if exchange else 1, compiled.metadata.shared)
+    ctas = split if exchange else 1
+    stream = torch.cuda.current_stream().cuda_stream
+    compiled.run(n_rows * split // ctas, 1, 1, stream, compiled.function, meta, None, None, None, *args,
+                 *constexprs.values())  # fmt: skip
+
+
+def max_active_clusters(compiled, cluster_size):
+    """cuOccupancyMaxActiveClusters for the compiled kernel's real block size and shared memory."""
+    global _LIBCUDA
+    if _LIBCUDA is None:
+        _LIBCUDA = ctypes.CDLL("libcuda.so.1")
+    attrs = (_LaunchAttr * 1)()
+    attrs[0].id = 4
+    attrs[0].value.dims[0], attrs[0].value.dims[1], attrs[0].value.dims[2] = cluster_size, 1, 1
+    config = _LaunchConfig()
+    config.grid[0], config.grid[1], config.grid[2] = cluster_size, 1, 1
+    config.block[0], config.block[1], config.block[2] = 32 * compiled.metadata.num_warps, 1, 1
+    config.shared = compiled.metadata.shared
+    config.attrs = attrs
+    config.num_attrs = 1
+    function = ctypes.c_void_p(compiled.function)
+    if cluster_size > 8:
+        assert _LIBCUDA.cuFuncSetAttribute(function, 14, 1) == 0
+    count = ctypes.c_int(-1)
+    status = _LIBCUDA.cuOccupancyMaxActiveClusters(ctypes.byref(count), function, ctypes.byref(config))
+    assert status == 0, status
+    return count.value
+
+
+def pipelined_forward(
+    logits, targets, weight, grad, loss, split, num_warps, maxnreg, clusters, early, hold, exchange, policy
+):
+    """:func:`split_forward` with ``clusters``: that many persistent clusters (0 < clusters <= 1 means that fraction
+    of the most that fit at once), each CTA holding a part in registers and loading the next row's part early."""
+    n_rows, n_cols = logits.shape
+    part_cols = triton.cdiv(triton.cdiv(n_cols, split), 8) * 8
+    assert (split - 1) * part_cols < n_cols, "every part needs columns"
+    scratch = torch.empty(n_rows * split, dtype=torch.float32, device=logits.device)
+    args = [logits, logits.stride(0), grad, grad.stride(0), targets, loss, weight, scratch, n_rows, n_cols, part_cols,
+            -100, 16]  # fmt: skip
+    constexprs = dict(SPLIT=split, BLOCK=triton.next_power_of_2(part_cols), EARLY=int(early), HOLD=hold,
+                      EXCHANGE=exchange)  # fmt: skip
+    key = ("pipelined", split, num_warps, maxnreg, constexprs["BLOCK"], int(early), hold, exchange)
+    if key not in _COMPILED:
+        compiled = _ce_pipelined_kernel.warmup(*args, **constexprs, grid=(split,), num_warps=num_warps,
+                                               maxnreg=maxnreg)  # fmt: skip
+        compiled._init_handles()
+        fit = max_active_clusters(compiled, split)
+        print(
+            f"compiled {key}: {compiled.n_regs} registers, {compiled.n_spills} spills, {fit} clusters fit", flush=True
+        )
+        _COMPILED[key] = compiled
+        _COMPILED[key + ("fit",)] = fit
+    compiled = _COMPILED[key]
+    if clusters <= 1:
+        clusters = max(1, int(_COMPILED[key + ("fit",)] * clusters))
+    clusters = min(clusters, n_rows)
+    names = list(compiled.src.signature)
+    extra = 0
+    if exchange == 3:
+        args[-1] = -(-compiled.metadata.shared // 16) * 16
+        extra = args[-1] - compiled.metadata.shared + 8 * split + 16
+    values = dict(zip(names, args + list(constexprs.values()), strict=True))
+    cluster_launch(compiled, clusters, split, values, 1 if policy is None else policy, extra_shared=extra)
+
+
 def check(split_options):
     """Loss and gradient of each variant against float64 torch on a few rows, incl. an ignored row."""
     device = torch.device("cuda")
@@ -356,7 +655,9 @@ def check(split_options):
         ref_loss = torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none", ignore_index=-100)
         for options in split_options:
             split, block_v = options.get("split", 2), options.get("block_v", 32768)
-            block_v = 16 if options.get("balanced") else block_v
+            block_v = (
+                16 if options.get("balanced") else 8 if options.get("resident") or options.get("clusters") else block_v
+            )
             if options.get("exchange", 2) < 2:
                 continue  # timing probes: wrong values by design
             if (split - 1) * triton.cdiv(triton.cdiv(vocab, split), block_v) * block_v >= vocab:

@@ -23,7 +23,8 @@ import triton
 _MIN_TRITON = (3, 3)
 
 
-def _triton_version() -> tuple[int, int]:
+def triton_version() -> tuple[int, int]:
+    """The installed Triton's (major, minor)."""
     major, minor = triton.__version__.split(".")[:2]
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
@@ -60,7 +61,7 @@ def launch_and_keep(kernel, grid: Sequence[int], args: Sequence, options: dict) 
     """
     compiled = kernel[tuple(grid)](*args, **options)
     signature = getattr(kernel, "signature", None)
-    if compiled is None or not isinstance(signature, inspect.Signature) or _triton_version() < _MIN_TRITON:
+    if compiled is None or not isinstance(signature, inspect.Signature) or triton_version() < _MIN_TRITON:
         return None
     if not hasattr(type(compiled), "__getitem__"):
         return None

@@ -15,21 +15,27 @@ as two programs a row, 66-73% of copy bandwidth against 82-96%), keeping only ea
 first block before its target, multi-stage shared-memory pipelines, and a pipelined kernel running one row's loss pass
 beside the previous row's gradient pass. Tried on 2026-11-24 and not kept: a row's head held in registers (Triton
 spills), per-block L1 / L2 hints (about 1%), leaner arithmetic (slower), a staggered first wave (no change: rows are at
-random phases), and two-CTA clusters (triton 3.6 does not compile them). A probe that launches a one-CTA binary as
-16-CTA clusters, each CTA owning 1/16 of a row (benchmarks/ce_cluster_probe.py), reached 89.9% of copy bandwidth at V =
-256k on an H100 against this kernel's 82.2%, and 86% at 128k against 96.5%. It needs inline-PTX cluster barriers and a
-ctypes launcher, and cannot run under the interpreter, so it is not in the library. ``programs_per_sm`` in
-:data:`CONFIG` still makes the grid persistent (slower on the H100; the interpreter runs two programs to walk that
-loop). No float32 copy of the logits is ever made; the backward pass only scales the stored gradient by grad_output, and
+random phases), and two-CTA clusters (triton 3.6 does not compile them).
+
+Rows from ``CONFIG["cluster_min_cols"]`` (180000) to 262144 columns, without soft-capping, go to
+cross_entropy_cluster.py on sm_90+ GPUs instead: each row split over the 16 CTAs of a thread-block cluster, read once
+and held in registers (96-97% of copy bandwidth at V = 256k on an H100). ``programs_per_sm`` in :data:`CONFIG` still
+makes the grid persistent (slower on the H100; the interpreter runs two programs to walk that loop). No float32 copy
+of the logits is ever made; the backward pass only scales the stored gradient by grad_output, and
 skips that (without a host sync) where grad_output is 1.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
+from swiftune_kernels.cluster_exchange import ClusterKernelError, cluster_launch_supported
+from swiftune_kernels.cross_entropy_cluster import MAX_COLS as CLUSTER_MAX_COLS
+from swiftune_kernels.cross_entropy_cluster import cross_entropy_cluster_forward
 from swiftune_kernels.cross_entropy_math import combine_lanes, logits_gradient, online_lse_step, transform_logits
 from swiftune_kernels.cross_entropy_reduce import (  # noqa: F401  (re-exported: fused_linear_cross_entropy uses them)
     check_loss_options,
@@ -47,7 +53,9 @@ from swiftune_kernels.reference import cross_entropy as reference
 # Default launch configuration (one line to switch to a sweep's winner). None: blocks of 64 KiB of logits, warps from
 # the block, one lane a block, one program a row.
 # "fused_mean": reduction "mean" computes its denominator in one small launch and the mean in another, instead of ~6
-# small torch ops.
+# small torch ops. "cluster": None uses the cluster kernel (cross_entropy_cluster.py) on sm_90+ GPUs for rows of
+# "cluster_min_cols" to its maximum (262144) columns, True for every row it can take (through two launches where
+# clusters cannot run), False never.
 CONFIG = {
     "block_v": None,
     "num_warps": None,
@@ -55,6 +63,8 @@ CONFIG = {
     "programs_per_sm": None,
     "grad_prefetch": True,
     "fused_mean": True,
+    "cluster": None,
+    "cluster_min_cols": 180000,
 }
 
 
@@ -179,6 +189,27 @@ def _cross_entropy_fwd_kernel(
         )  # fmt: skip
 
 
+# the automatic choice stops using the cluster kernel after it failed to compile once in this process
+_CLUSTER_FAILED: list[str] = []
+
+
+def use_cluster_kernel(logits: torch.Tensor, choice: bool | None, softcap: float | None = None) -> bool:
+    """Whether :func:`cross_entropy_forward` runs the cluster kernel on ``logits`` (N, V) for the setting ``choice``
+    (see :data:`CONFIG`). Automatically only on GPUs with clusters, for rows from ``CONFIG["cluster_min_cols"]``
+    columns (where the row kernel's second read misses L2), and without soft-capping (its arithmetic bounds both
+    kernels there, and the row kernel's 32 warps an SM hide it better: 55% against 45% of copy bandwidth at V = 256k
+    on an H100). Never for rows longer than the kernel holds."""
+    n_cols = logits.shape[1]
+    if choice is False or n_cols > CLUSTER_MAX_COLS:
+        return False
+    if choice:
+        return True
+    min_cols = CONFIG["cluster_min_cols"]
+    if min_cols is None or n_cols < min_cols or softcap is not None or _CLUSTER_FAILED:
+        return False
+    return cluster_launch_supported(logits.device)
+
+
 def cross_entropy_forward(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -195,12 +226,14 @@ def cross_entropy_forward(
     programs: int | None = None,
     grad_prefetch: bool | None = None,
     l2_hints: bool = True,
+    cluster: bool | None = None,
 ) -> torch.Tensor:
     """Per-row loss (float32, 0 on ignored rows) of ``logits`` (N, V); writes d(sum_i weight_i * loss_i)/dlogits.
 
     ``weight`` holds 1 or N float32 row weights; ``grad`` (N, V), when given, receives the gradient and may be
     ``logits`` itself; ``loss`` (N,), when given, receives the loss. The launch options override :data:`CONFIG`
-    (``programs``: the grid size itself); ``l2_hints=False`` drops the eviction hints.
+    (``programs``: the grid size itself); ``l2_hints=False`` drops the eviction hints. ``cluster`` chooses the
+    kernel as ``CONFIG["cluster"]`` does (None: that setting); the other launch options apply to the row kernel.
     """
     n_rows, n_cols = logits.shape
     assert logits.stride(1) == 1 and targets.shape == (n_rows,)
@@ -210,6 +243,26 @@ def cross_entropy_forward(
         loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
         return loss
+    choice = CONFIG["cluster"] if cluster is None else cluster
+    if use_cluster_kernel(logits, choice, softcap):
+        try:
+            return cross_entropy_cluster_forward(
+                logits,
+                targets,
+                weight,
+                loss,
+                grad=grad,
+                ignore_index=ignore_index,
+                logit_scale=logit_scale,
+                softcap=softcap,
+                use_clusters=cluster_launch_supported(logits.device),
+            )
+        except ClusterKernelError as error:
+            if choice:
+                raise
+            # automatic choice: the row kernel computes the same, only slower at these lengths
+            _CLUSTER_FAILED.append(str(error))
+            warnings.warn(f"{error}; cross_entropy uses its row kernel instead", RuntimeWarning, stacklevel=2)
     block_v = block_v or CONFIG["block_v"]
     if block_v is None:
         # 64 KiB of logits per block and 32 warps: 64 registers a thread (with the prefetched block), so one
