@@ -42,7 +42,7 @@ import triton.language as tl
 from _timing import copy_bandwidth_gbps, time_ms
 from bench_cross_entropy import make_inputs, pct_of_copy
 
-from swiftune_kernels.cluster_exchange import cluster_all_gather, cluster_exchange_init
+from swiftune_kernels.cluster_exchange import cluster_all_gather, cluster_exchange_init, shared_load
 
 ce = importlib.import_module("swiftune_kernels.cross_entropy")
 math = importlib.import_module("swiftune_kernels.cross_entropy_math")
@@ -85,18 +85,6 @@ def _dsmem_put(ranks, offsets, values):
         "=r,r,r,f",
         [ranks, offsets, values],
         dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
-@triton.jit
-def _smem_get(offsets):
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 a; mov.u32 a, global_smem; add.u32 a, a, $1; ld.shared.f32 $0, [a]; }",
-        "=f,r",
-        [offsets],
-        dtype=tl.float32,
         is_pure=False,
         pack=1,
     )
@@ -206,7 +194,7 @@ def _ce_split_kernel(
             last = lo + (num_blocks - 1 + zero) * BLOCK_V + offs  # after the arrive; stays 16-byte aligned
             x_next = tl.load(x_row + last, mask=last < hi, other=0.0, eviction_policy="evict_first")
         if EXCHANGE == 5:
-            parts = _smem_get(exchange_off + 4 * tl.arange(0, SPLIT) + zero)
+            parts = shared_load(exchange_off + 4 * tl.arange(0, SPLIT) + zero)
             top = tl.max(parts, 0)
             lse = top + tl.log(tl.sum(tl.exp(parts - top), 0))
         elif EXCHANGE >= 2:
@@ -278,7 +266,7 @@ def _ce_resident_kernel(
         zero = _cluster_wait(started)
         put = _dsmem_put(ranks, exchange_off + 4 * part + zero + ranks * 0, lse_part + ranks * 0.0)
         zero = _cluster_sync(tl.max(put, 0))
-        parts = _smem_get(exchange_off + 4 * tl.arange(0, SPLIT) + zero)
+        parts = shared_load(exchange_off + 4 * tl.arange(0, SPLIT) + zero)
         top = tl.max(parts, 0)
         lse = top + tl.log(tl.sum(tl.exp(parts - top), 0))
     elif EXCHANGE == 2:

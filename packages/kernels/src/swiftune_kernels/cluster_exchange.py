@@ -91,7 +91,8 @@ def _round_done(mbar_offset, phase):
 
 
 @triton.jit
-def _shared_load(offsets):
+def shared_load(offsets):
+    """float32 values at byte ``offsets`` from ``global_smem`` (Triton's shared memory; past it, the exchange area)."""
     return tl.inline_asm_elementwise(
         "{ .reg .b32 a; mov.u32 a, global_smem; add.u32 a, a, $1; ld.shared.f32 $0, [a]; }",
         "=f,r",
@@ -123,7 +124,7 @@ def cluster_all_gather(value, rank, turn, exchange_offset, SPLIT: tl.constexpr):
         done = _round_done(mbar, (turn // 2) % 2)
     token = done - 1
     ranks = tl.arange(0, SPLIT)
-    return tl.where(ranks == rank, value, _shared_load(slots + 4 * ranks + token)), token
+    return tl.where(ranks == rank, value, shared_load(slots + 4 * ranks + token)), token
 
 
 def exchange_bytes(split: int) -> int:
