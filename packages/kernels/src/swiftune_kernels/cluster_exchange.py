@@ -20,6 +20,8 @@ launches for it, and the GPU tests cover this path.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -136,9 +138,16 @@ def cluster_launch_supported(device: torch.device) -> bool:
     """Whether kernels of this module can launch on ``device``: a CUDA GPU of compute capability 9.0 or later,
     and a Triton whose compiled kernels launch with a cluster dimension taken from their metadata (3.3 or later:
     ``(num_warps, num_ctas, shared)``, the layout this module passes)."""
-    if device.type != "cuda" or triton_version() < (3, 3):
+    if device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cluster_capable(index)
+
+
+@functools.cache
+def _cluster_capable(index: int) -> bool:
+    # asked on every cross-entropy call: the answer cannot change within a process
+    return triton_version() >= (3, 3) and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 _FIT: dict = {}

@@ -184,7 +184,9 @@ def cross_entropy_cluster_forward(
     if clusters is None:
         clusters = n_rows if use_clusters else 2
     clusters = max(1, min(clusters, n_rows))
-    parts = torch.empty(0 if use_clusters else n_rows * SPLIT, dtype=torch.float32, device=logits.device)
+    # the two-launch exchange's per-part log-sum-exps; the cluster exchange never reads them (``loss`` stands in for
+    # the pointer, with no allocation per call)
+    parts = loss if use_clusters else torch.empty(n_rows * SPLIT, dtype=torch.float32, device=logits.device)
     args = [
         logits,
         logits.stride(0),
